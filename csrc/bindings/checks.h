@@ -1,0 +1,54 @@
+// Host-side argument checks shared by the CPU and CUDA bindings.
+#pragma once
+#include <ATen/ATen.h>
+
+#define MEMDISC_CHECK_DIM(x, n) \
+  TORCH_CHECK((x).dim() == (n), "memdisc: ", #x, " must have ", n, " dims, got shape ", (x).sizes())
+#define MEMDISC_CHECK_SAME_DEVICE(x, y) \
+  TORCH_CHECK((x).device() == (y).device(), "memdisc: ", #x, " is on ", (x).device(), " but ", #y, " is on ", (y).device())
+#define MEMDISC_CHECK_SAME_DTYPE(x, y) \
+  TORCH_CHECK((x).scalar_type() == (y).scalar_type(), "memdisc: ", #x, " is ", (x).scalar_type(), " but ", #y, " is ", (y).scalar_type())
+#define MEMDISC_CHECK_FLOATING(x)                                                        \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kDouble ||     \
+                  (x).scalar_type() == at::kHalf || (x).scalar_type() == at::kBFloat16,  \
+              "memdisc: ", #x, " must be float32, float64, float16 or bfloat16, got ", (x).scalar_type())
+
+namespace memdisc {
+
+// The per-row accumulator dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Shape checks common to the discrepancy forward on every device.
+inline void check_discrepancy_args(const at::Tensor& current, const at::Tensor& snapshots, double temperature) {
+  MEMDISC_CHECK_DIM(current, 2);
+  MEMDISC_CHECK_DIM(snapshots, 3);
+  MEMDISC_CHECK_FLOATING(current);
+  MEMDISC_CHECK_SAME_DTYPE(current, snapshots);
+  MEMDISC_CHECK_SAME_DEVICE(current, snapshots);
+  TORCH_CHECK(snapshots.size(1) == current.size(0) && snapshots.size(2) == current.size(1),
+              "memdisc: snapshots must be [K, B, C] with [B, C] = current's shape ", current.sizes(),
+              ", got ", snapshots.sizes());
+  TORCH_CHECK(current.size(1) >= 1, "memdisc: the class dimension C must be >= 1");
+  TORCH_CHECK(temperature > 0, "memdisc: temperature must be > 0, got ", temperature);
+}
+
+inline void check_pgd_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
+                           const c10::optional<at::Tensor>& active, double eps) {
+  MEMDISC_CHECK_FLOATING(x);
+  MEMDISC_CHECK_SAME_DTYPE(x, grad);
+  MEMDISC_CHECK_SAME_DTYPE(x, x0);
+  MEMDISC_CHECK_SAME_DEVICE(x, grad);
+  MEMDISC_CHECK_SAME_DEVICE(x, x0);
+  TORCH_CHECK(x.sizes() == grad.sizes() && x.sizes() == x0.sizes(), "memdisc: x, grad and x0 must share a shape, got ",
+              x.sizes(), ", ", grad.sizes(), ", ", x0.sizes());
+  TORCH_CHECK(x.dim() >= 1, "memdisc: x must have a leading batch dimension");
+  TORCH_CHECK(eps >= 0, "memdisc: eps must be >= 0, got ", eps);
+  if (active.has_value()) {
+    TORCH_CHECK(active->scalar_type() == at::kBool, "memdisc: active must be a bool tensor, got ", active->scalar_type());
+    TORCH_CHECK(active->dim() == 1 && active->size(0) == x.size(0), "memdisc: active must be [B] with B = ", x.size(0),
+                ", got ", active->sizes());
+    MEMDISC_CHECK_SAME_DEVICE(x, (*active));
+  }
+}
+
+}  // namespace memdisc
