@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -14,8 +15,11 @@
 namespace memdisc {
 namespace {
 
-// Rows handed to one thread at a time: enough work to amortise the split.
-int64_t grain_rows(int64_t K, int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * C)); }
+// Rows handed to one thread at a time: at least kGrainElems logits (about 10 us
+// of kernel time), so tiny shapes run on the calling thread without an OpenMP
+// fork and two cores split anything bigger.
+constexpr int64_t kGrainElems = 16384;
+int64_t grain_rows(int64_t per_row) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per_row)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> discrepancy_cpu(const at::Tensor& current_in, const at::Tensor& snapshots_in,
                                                                double temperature, bool reverse) {
@@ -34,8 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> discrepancy_cpu(const at::Tensor&
     acc_t* lcp = lse_cur.mutable_data_ptr<acc_t>();
     acc_t* lsp = lse_snap.mutable_data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, B, grain_rows(K, C), [&](int64_t begin, int64_t end) {
-      cpu::discrepancy_forward<scalar_t, acc_t>(a, b, K, B, C, inv_t, reverse, klp, lcp, lsp, begin, end);
+    const cpu::DiscrepancyForwardArgs<scalar_t, acc_t> args{a, b, K, B, C, inv_t, reverse, klp, lcp, lsp};
+    at::parallel_for(0, B, grain_rows((K + 1) * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(cpu::discrepancy_forward_scratch<acc_t>(C));
+      cpu::discrepancy_forward<scalar_t, acc_t>(args, begin, end, scratch.data());
     });
   });
   return {kl, lse_cur, lse_snap};
@@ -58,13 +64,13 @@ std::tuple<at::Tensor, at::Tensor> discrepancy_backward_cpu(const at::Tensor& gr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, current.scalar_type(), "memdisc_discrepancy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, B, grain_rows(K, C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(C);
-      cpu::discrepancy_backward<scalar_t, acc_t>(
-          grad_kl.const_data_ptr<acc_t>(), current.const_data_ptr<scalar_t>(), snapshots.const_data_ptr<scalar_t>(),
-          lse_cur.const_data_ptr<acc_t>(), lse_snap.const_data_ptr<acc_t>(), kl.const_data_ptr<acc_t>(), K, B, C, inv_t,
-          reverse, grad_current.mutable_data_ptr<scalar_t>(), grad_snapshots.mutable_data_ptr<scalar_t>(), begin, end,
-          scratch.data());
+    const cpu::DiscrepancyBackwardArgs<scalar_t, acc_t> args{
+        grad_kl.const_data_ptr<acc_t>(), current.const_data_ptr<scalar_t>(), snapshots.const_data_ptr<scalar_t>(),
+        lse_cur.const_data_ptr<acc_t>(), lse_snap.const_data_ptr<acc_t>(), kl.const_data_ptr<acc_t>(), K, B, C, inv_t,
+        reverse, grad_current.mutable_data_ptr<scalar_t>(), grad_snapshots.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, B, grain_rows(2 * (K + 1) * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(cpu::discrepancy_backward_scratch<acc_t>(C));
+      cpu::discrepancy_backward<scalar_t, acc_t>(args, begin, end, scratch.data());
     });
   });
   return {grad_current, grad_snapshots};
@@ -86,15 +92,22 @@ void pgd_step_cpu(at::Tensor& x, const at::Tensor& grad_in, const at::Tensor& x0
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* x0p = x0.const_data_ptr<scalar_t>();
     const bool* ap = active.defined() ? active.const_data_ptr<bool>() : nullptr;
-    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / D), [&](int64_t begin, int64_t end) {
-      cpu::pgd_step<scalar_t, acc_t>(xp, gp, x0p, ap, D, static_cast<acc_t>(step), static_cast<acc_t>(eps),
-                                     static_cast<acc_t>(lo), static_cast<acc_t>(hi), descent, begin, end);
+    const cpu::PgdStepArgs<scalar_t, acc_t> args{xp, gp, x0p, ap, D, static_cast<acc_t>(step), static_cast<acc_t>(eps),
+                                                 static_cast<acc_t>(lo), static_cast<acc_t>(hi), descent};
+    // The step is memory-bound and ~10x cheaper per element than an exp: a larger grain.
+    at::parallel_for(0, B, grain_rows(D / 8), [&](int64_t begin, int64_t end) {
+      cpu::pgd_step<scalar_t, acc_t>(args, begin, end);
     });
   });
   if (!work.is_same(x)) x.copy_(work);
 }
 
+// The instruction set the CPU kernels run with ("avx512", "avx2" or "default").
+std::string cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(memdisc, m) { m.def("cpu_isa() -> str", &cpu_isa); }
 
 TORCH_LIBRARY_IMPL(memdisc, CPU, m) {
   m.impl("discrepancy", &discrepancy_cpu);

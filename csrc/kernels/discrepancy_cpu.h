@@ -8,109 +8,261 @@
 //   forward  (reverse = true)   kl[k,i] = KL(p_t || p_h) = sum_c p_t,c (a_c - b_c) + lse(b) - lse(a)
 //   backward (reverse = false)  d/da = (p_t - p_h) / T,                 d/db = p_h (log p_h - log p_t - kl) / T
 //   backward (reverse = true)   d/da = p_t (log p_t - log p_h - kl) / T, d/db = (p_h - p_t) / T
-// The forward reads every snapshot row once (online max / sum-exp / weighted
-// sum, rescaled when the running max grows) and saves lse(a) [B] and
-// lse(b) [K, B]; the backward recomputes the softmaxes from them.
-// All arithmetic is in acc_t (float for float/half/bfloat16, double for double).
+// (both backward lines times the upstream grad g[k,i]; d/da is summed over k).
 //
-// Byte model, per forward call:  read (K + 1) * B * C * sizeof(scalar_t),
-//   write K * B * 4 (kl) + (K + 1) * B * 4 (lse)       -> ~ (K+1)·B·C·s bytes.
-// Per backward call: read 2 * (K + 1) * B * C * s (logits in, grads out) plus the
-//   small per-row tensors.
+// Numerics: every row is shifted by its own max before the exp (ma = max a,
+// mb = max b), and the KL is assembled from the shifted values,
+//   KL(p_h||p_t) = sum_c e_c (xb_c - xa_c) / s_b + log s_a - log s_b,
+//   xa = a - ma, xb = b - mb, e = exp(xb), s = sum exp(x),
+// so no term carries the magnitude of the logits (logits of +-1e4 keep full
+// float32 accuracy).  Accumulation in acc_t: float for float/half/bfloat16,
+// double for double.  The forward saves lse(a) [B] and lse(b) [K, B]; the
+// backward recomputes the softmaxes from them (one exp per element).
+//
+// Schedule: one sample row i at a time, its current row staged once in a
+// per-thread scratch (shifted logits, and p_t for reverse) and reused for the
+// K snapshot rows.  Each snapshot row takes two branch-free passes over
+// 64-byte vectors: a max pass, then one exp pass that accumulates s and the
+// weighted sum (the row is L1/L2-resident for the second pass).  The last
+// partial vector of a row is loaded with a fill value and masked.
+//
+// Byte model, per forward call:  read (K + 1) * B * C * s (s = sizeof(scalar_t)),
+//   write K * B * 4 (kl) + (K + 1) * B * 4 (lse)            -> ~ (K+1)·B·C·s bytes.
+// Per backward call: read (K + 1) * B * C * s (logits), write (K + 1) * B * C * s
+//   (gradients), plus the small [K, B] tensors               -> ~ 2·(K+1)·B·C·s bytes.
+// Exps: (K + 1) * B * C (+ B * C for reverse) forward, (K + 1) * B * C backward.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
+#include "kernels/simd_cpu.h"
+
 namespace memdisc {
 namespace cpu {
 
-// Log-sum-exp of one row of n values scaled by inv_t, in acc_t; -inf for n == 0.
 template <typename scalar_t, typename acc_t>
-inline acc_t row_lse(const scalar_t* v, int64_t n, acc_t inv_t) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t c = 0; c < n; ++c) m = std::fmax(m, static_cast<acc_t>(v[c]) * inv_t);
-  acc_t s = 0;
-  for (int64_t c = 0; c < n; ++c) s += std::exp(static_cast<acc_t>(v[c]) * inv_t - m);
-  return m + std::log(s);
+struct DiscrepancyForwardArgs {
+  const scalar_t* current;    // [B, C]
+  const scalar_t* snapshots;  // [K, B, C]
+  int64_t K, B, C;
+  acc_t inv_t;                // 1 / temperature
+  bool reverse;
+  acc_t* kl;                  // [K, B] out
+  acc_t* lse_cur;             // [B] out, lse(current / T)
+  acc_t* lse_snap;            // [K, B] out, lse(snapshot / T)
+};
+
+template <typename scalar_t, typename acc_t>
+struct DiscrepancyBackwardArgs {
+  const acc_t* grad_kl;       // [K, B] upstream gradient
+  const scalar_t* current;    // [B, C]
+  const scalar_t* snapshots;  // [K, B, C]
+  const acc_t* lse_cur;       // [B]
+  const acc_t* lse_snap;      // [K, B]
+  const acc_t* kl;            // [K, B]
+  int64_t K, B, C;
+  acc_t inv_t;
+  bool reverse;
+  scalar_t* grad_current;     // [B, C] out (sum over k)
+  scalar_t* grad_snapshots;   // [K, B, C] out
+};
+
+// Scratch one thread needs for a row range: regions of C acc_t values, each
+// padded to whole vectors so every scratch load is a full vector load.
+template <typename acc_t>
+inline int64_t padded_row(int64_t C) { return (C + Simd<acc_t>::W - 1) / Simd<acc_t>::W * Simd<acc_t>::W; }
+template <typename acc_t>
+inline int64_t discrepancy_forward_scratch(int64_t C) { return 2 * padded_row<acc_t>(C); }
+template <typename acc_t>
+inline int64_t discrepancy_backward_scratch(int64_t C) { return 3 * padded_row<acc_t>(C); }
+
+namespace detail {
+
+template <typename acc_t>
+MEMDISC_INLINE typename Simd<acc_t>::V select_lanes(int64_t n, typename Simd<acc_t>::V v, acc_t fill) {
+  return iota<acc_t>() < static_cast<typename Simd<acc_t>::L>(n) ? v : splat(fill);
 }
 
-// Forward over sample rows [row_begin, row_end) of all K snapshots.
-//   kl       [K, B]  out
-//   lse_cur  [B]     out, lse(current / T)
-//   lse_snap [K, B]  out, lse(snapshot / T)
+// max_c v_c over one row of n >= 1 values (end: end of the readable buffer).
 template <typename scalar_t, typename acc_t>
-void discrepancy_forward(const scalar_t* current, const scalar_t* snapshots, int64_t K, int64_t B,
-                         int64_t C, acc_t inv_t, bool reverse, acc_t* kl, acc_t* lse_cur,
-                         acc_t* lse_snap, int64_t row_begin, int64_t row_end) {
+MEMDISC_INLINE acc_t row_max(const scalar_t* v, int64_t n, const scalar_t* end) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int W = Simd<acc_t>::W;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  V m = splat(ninf);
+  for (int64_t c = 0; c < n; c += W) m = vmax<acc_t>(m, load<acc_t>(v + c, std::min<int64_t>(W, n - c), ninf, end));
+  return hmax(m);
+}
+
+// One vector of a snapshot row: xb = b/T - mb for lanes < n.  Accumulates
+// s += exp(xb) and w += e (xb - xa) (forward) or w += p_t (xa - xb) (reverse).
+template <typename acc_t>
+MEMDISC_INLINE void forward_chunk(typename Simd<acc_t>::V xb, int64_t n, const acc_t* xa, const acc_t* pt,
+                                  const acc_t* xa_end, bool reverse, typename Simd<acc_t>::V& s,
+                                  typename Simd<acc_t>::V& w) {
+  const typename Simd<acc_t>::V e = select_lanes<acc_t>(n, exp_vec(xb), acc_t(0));
+  s += e;
+  const typename Simd<acc_t>::V va = load<acc_t>(xa, n, acc_t(0), xa_end);
+  if (reverse) {
+    w += load<acc_t>(pt, n, acc_t(0), xa_end + (pt - xa)) * (va - xb);
+  } else {
+    w += e * (xb - va);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+MEMDISC_INLINE void forward_rows(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t row_begin,
+                                 int64_t row_end, acc_t* scratch) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int W = Simd<acc_t>::W;
+  const int64_t K = p.K, B = p.B, C = p.C, Cp = padded_row<acc_t>(C);
+  const acc_t inv_t = p.inv_t;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const V zero = splat(acc_t(0));
+  const scalar_t* a_end = p.current + B * C;
+  const scalar_t* b_end = p.snapshots + K * B * C;
+  acc_t* xa = scratch;       // [C] a/T - max(a/T)
+  acc_t* pt = scratch + Cp;  // [C] p_t (reverse only)
   for (int64_t i = row_begin; i < row_end; ++i) {
-    const scalar_t* a = current + i * C;
-    const acc_t la = row_lse<scalar_t, acc_t>(a, C, inv_t);
-    lse_cur[i] = la;
+    const scalar_t* a = p.current + i * C;
+    const acc_t ma = row_max<scalar_t, acc_t>(a, C, a_end) * inv_t;
+    V vs = zero;
+    for (int64_t c = 0; c < C; c += W) {
+      const int64_t n = std::min<int64_t>(W, C - c);
+      const V x = load<acc_t>(a + c, n, acc_t(0), a_end) * inv_t - ma;
+      store<acc_t, acc_t>(xa + c, x, W);
+      vs += select_lanes<acc_t>(n, exp_vec(x), acc_t(0));
+    }
+    const acc_t log_sa = std::log(hsum(vs));
+    p.lse_cur[i] = ma + log_sa;
+    if (p.reverse) {
+      for (int64_t c = 0; c < C; c += W) store<acc_t, acc_t>(pt + c, exp_vec(load_full<acc_t>(xa + c) - log_sa), W);
+    }
     for (int64_t k = 0; k < K; ++k) {
-      const scalar_t* b = snapshots + (k * B + i) * C;
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      acc_t s = 0;  // sum_c exp(b_c - m)
-      acc_t w = 0;  // reverse ? sum_c p_t,c (a_c - b_c) : sum_c exp(b_c - m) (b_c - a_c)
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t bc = static_cast<acc_t>(b[c]) * inv_t;
-        const acc_t ac = static_cast<acc_t>(a[c]) * inv_t;
-        if (reverse) {
-          w += std::exp(ac - la) * (ac - bc);
+      const scalar_t* b = p.snapshots + (k * B + i) * C;
+      V s = zero, w = zero;
+      acc_t mb;
+      if (C <= W) {  // one vector per row: a single load serves the max and the exp pass
+        const V vb = load<acc_t>(b, C, acc_t(0), b_end);
+        mb = hmax(select_lanes<acc_t>(C, vb, ninf)) * inv_t;
+        forward_chunk<acc_t>(vb * inv_t - mb, C, xa, pt, xa + Cp, p.reverse, s, w);
+      } else {
+        mb = row_max<scalar_t, acc_t>(b, C, b_end) * inv_t;
+        for (int64_t c = 0; c < C; c += W) {
+          const int64_t n = std::min<int64_t>(W, C - c);
+          forward_chunk<acc_t>(load<acc_t>(b + c, n, acc_t(0), b_end) * inv_t - mb, n, xa + c, pt + c, xa + Cp,
+                               p.reverse, s, w);
         }
-        if (bc > m) {  // rescale the running sums to the new max
-          const acc_t r = std::exp(m - bc);
-          s *= r;
-          if (!reverse) w *= r;
-          m = bc;
-        }
-        const acc_t e = std::exp(bc - m);
-        s += e;
-        if (!reverse) w += e * (bc - ac);
       }
-      const acc_t lb = m + std::log(s);
-      lse_snap[k * B + i] = lb;
-      kl[k * B + i] = reverse ? (w + lb - la) : (w / s + la - lb);
+      const acc_t ss = hsum(s), ws = hsum(w);
+      const acc_t log_sb = std::log(ss);
+      p.lse_snap[k * B + i] = mb + log_sb;
+      p.kl[k * B + i] = p.reverse ? (ws + log_sb - log_sa) : (ws / ss + log_sa - log_sb);
     }
   }
 }
 
-// Backward over sample rows [row_begin, row_end).
-//   grad_kl       [K, B]     upstream gradient
-//   grad_current  [B, C]     out (sums over K)
-//   grad_snapshots[K, B, C]  out
 template <typename scalar_t, typename acc_t>
-void discrepancy_backward(const acc_t* grad_kl, const scalar_t* current, const scalar_t* snapshots,
-                          const acc_t* lse_cur, const acc_t* lse_snap, const acc_t* kl, int64_t K,
-                          int64_t B, int64_t C, acc_t inv_t, bool reverse, scalar_t* grad_current,
-                          scalar_t* grad_snapshots, int64_t row_begin, int64_t row_end,
-                          acc_t* scratch /* [C] */) {
+MEMDISC_INLINE void backward_rows(const DiscrepancyBackwardArgs<scalar_t, acc_t>& p, int64_t row_begin,
+                                  int64_t row_end, acc_t* scratch) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int W = Simd<acc_t>::W;
+  const int64_t K = p.K, B = p.B, C = p.C, Cp = padded_row<acc_t>(C);
+  const acc_t inv_t = p.inv_t;
+  const V zero = splat(acc_t(0));
+  const scalar_t* a_end = p.current + B * C;
+  const scalar_t* b_end = p.snapshots + K * B * C;
+  acc_t* lpt = scratch;          // [C] log p_t
+  acc_t* pt = scratch + Cp;      // [C] p_t
+  acc_t* ga = scratch + 2 * Cp;  // [C] d/da accumulated over k
   for (int64_t i = row_begin; i < row_end; ++i) {
-    const scalar_t* a = current + i * C;
-    const acc_t la = lse_cur[i];
-    for (int64_t c = 0; c < C; ++c) scratch[c] = 0;
+    const scalar_t* a = p.current + i * C;
+    const acc_t la = p.lse_cur[i];
+    for (int64_t c = 0; c < C; c += W) {
+      const V l = load<acc_t>(a + c, std::min<int64_t>(W, C - c), acc_t(0), a_end) * inv_t - la;
+      store<acc_t, acc_t>(lpt + c, l, W);
+      store<acc_t, acc_t>(pt + c, exp_vec(l), W);
+      store<acc_t, acc_t>(ga + c, zero, W);
+    }
     for (int64_t k = 0; k < K; ++k) {
-      const scalar_t* b = snapshots + (k * B + i) * C;
-      scalar_t* gb = grad_snapshots + (k * B + i) * C;
-      const acc_t lb = lse_snap[k * B + i];
-      const acc_t g = grad_kl[k * B + i] * inv_t;
-      const acc_t d = kl[k * B + i];
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t log_pt = static_cast<acc_t>(a[c]) * inv_t - la;
-        const acc_t log_ph = static_cast<acc_t>(b[c]) * inv_t - lb;
-        const acc_t pt = std::exp(log_pt);
-        const acc_t ph = std::exp(log_ph);
-        if (reverse) {
-          scratch[c] += g * pt * (log_pt - log_ph - d);
-          gb[c] = static_cast<scalar_t>(g * (ph - pt));
+      const scalar_t* b = p.snapshots + (k * B + i) * C;
+      scalar_t* gb = p.grad_snapshots + (k * B + i) * C;
+      const acc_t lb = p.lse_snap[k * B + i];
+      const acc_t g = p.grad_kl[k * B + i] * inv_t;
+      const acc_t d = p.kl[k * B + i];
+      for (int64_t c = 0; c < C; c += W) {
+        const int64_t n = std::min<int64_t>(W, C - c);
+        const V lph = load<acc_t>(b + c, n, acc_t(0), b_end) * inv_t - lb;
+        const V ph = exp_vec(lph);
+        const V vpt = load_full<acc_t>(pt + c), vlpt = load_full<acc_t>(lpt + c), vga = load_full<acc_t>(ga + c);
+        if (p.reverse) {
+          store<acc_t, acc_t>(ga + c, vga + g * vpt * (vlpt - lph - d), W);
+          store<scalar_t, acc_t>(gb + c, g * (ph - vpt), n);
         } else {
-          scratch[c] += g * (pt - ph);
-          gb[c] = static_cast<scalar_t>(g * ph * (log_ph - log_pt - d));
+          store<acc_t, acc_t>(ga + c, vga + g * (vpt - ph), W);
+          store<scalar_t, acc_t>(gb + c, g * ph * (lph - vlpt - d), n);
         }
       }
     }
-    scalar_t* ga = grad_current + i * C;
-    for (int64_t c = 0; c < C; ++c) ga[c] = static_cast<scalar_t>(scratch[c]);
+    scalar_t* out = p.grad_current + i * C;
+    for (int64_t c = 0; c < C; c += W) store<scalar_t, acc_t>(out + c, load_full<acc_t>(ga + c), std::min<int64_t>(W, C - c));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+MEMDISC_TARGET_AVX512 void forward_avx512(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t b, int64_t e,
+                                          acc_t* scratch) {
+  forward_rows<scalar_t, acc_t>(p, b, e, scratch);
+}
+template <typename scalar_t, typename acc_t>
+MEMDISC_TARGET_AVX2 void forward_avx2(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t b, int64_t e,
+                                      acc_t* scratch) {
+  forward_rows<scalar_t, acc_t>(p, b, e, scratch);
+}
+template <typename scalar_t, typename acc_t>
+void forward_default(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t b, int64_t e, acc_t* scratch) {
+  forward_rows<scalar_t, acc_t>(p, b, e, scratch);
+}
+template <typename scalar_t, typename acc_t>
+MEMDISC_TARGET_AVX512 void backward_avx512(const DiscrepancyBackwardArgs<scalar_t, acc_t>& p, int64_t b, int64_t e,
+                                           acc_t* scratch) {
+  backward_rows<scalar_t, acc_t>(p, b, e, scratch);
+}
+template <typename scalar_t, typename acc_t>
+MEMDISC_TARGET_AVX2 void backward_avx2(const DiscrepancyBackwardArgs<scalar_t, acc_t>& p, int64_t b, int64_t e,
+                                       acc_t* scratch) {
+  backward_rows<scalar_t, acc_t>(p, b, e, scratch);
+}
+template <typename scalar_t, typename acc_t>
+void backward_default(const DiscrepancyBackwardArgs<scalar_t, acc_t>& p, int64_t b, int64_t e, acc_t* scratch) {
+  backward_rows<scalar_t, acc_t>(p, b, e, scratch);
+}
+
+}  // namespace detail
+
+// Forward over sample rows [row_begin, row_end) of all K snapshots;
+// scratch holds discrepancy_forward_scratch(C) acc_t values (one per thread).
+template <typename scalar_t, typename acc_t>
+void discrepancy_forward(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t row_begin, int64_t row_end,
+                         acc_t* scratch) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return detail::forward_avx512<scalar_t, acc_t>(p, row_begin, row_end, scratch);
+    case Isa::kAvx2: return detail::forward_avx2<scalar_t, acc_t>(p, row_begin, row_end, scratch);
+    default: return detail::forward_default<scalar_t, acc_t>(p, row_begin, row_end, scratch);
+  }
+}
+
+// Backward over sample rows [row_begin, row_end); scratch holds
+// discrepancy_backward_scratch(C) acc_t values (one per thread).
+template <typename scalar_t, typename acc_t>
+void discrepancy_backward(const DiscrepancyBackwardArgs<scalar_t, acc_t>& p, int64_t row_begin, int64_t row_end,
+                          acc_t* scratch) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return detail::backward_avx512<scalar_t, acc_t>(p, row_begin, row_end, scratch);
+    case Isa::kAvx2: return detail::backward_avx2<scalar_t, acc_t>(p, row_begin, row_end, scratch);
+    default: return detail::backward_default<scalar_t, acc_t>(p, row_begin, row_end, scratch);
   }
 }
 

@@ -1,0 +1,122 @@
+"""Files a run writes: atomic writes, provenance, run directories, snapshots.
+
+Every file is written to a temporary name in the same directory and renamed
+into place, so a killed run never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import memdisc
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def git_commit() -> str:
+    """The commit of the memdisc checkout (with '+dirty' when it has local changes), or 'unknown'."""
+    root = Path(memdisc.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
+
+
+def provenance(seed: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Versions, commit, device and seed to record beside every result."""
+    from memdisc.ops import extension_loaded
+
+    import numpy
+    return {"memdisc": memdisc.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "commit": git_commit(), "device": device_name(device),
+            "extension": extension_loaded(), "seed": seed}
+
+
+def save_snapshot(path: str | Path, *, model: torch.nn.Module, model_spec: dict[str, Any], epoch: int,
+                  test_error: float, config: dict[str, Any], seed: int,
+                  optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically save a model snapshot.
+
+    The file holds: ``state_dict``, ``model_spec`` (the ``build_model`` kwargs, so the
+    network can be rebuilt without the config), ``optimizer`` state, ``epoch``,
+    ``test_error``, the full ``config``, ``seed``, ``provenance`` and ``extra``.
+    """
+    payload = {"format": "memdisc-snapshot-1", "state_dict": model.state_dict(), "model_spec": model_spec,
+               "optimizer": optimizer.state_dict() if optimizer is not None else None, "epoch": epoch,
+               "test_error": test_error, "config": config, "seed": seed, "provenance": provenance(seed),
+               "extra": extra or {}}
+    return atomic_torch_save(payload, path)
+
+
+def load_snapshot(path: str | Path) -> dict[str, Any]:
+    """Load a snapshot written by ``save_snapshot``; clear errors for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"snapshot: no such file {path} (run `memdisc burnin` first)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ValueError(f"snapshot: {path} is not a readable torch file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "memdisc-snapshot-1":
+        raise ValueError(f"snapshot: {path} is not a memdisc snapshot")
+    return payload
+
+
+def model_from_snapshot(snapshot: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild the network recorded in a snapshot and load its weights."""
+    from memdisc.models import build_model
+
+    model = build_model(**snapshot["model_spec"])
+    model.load_state_dict(snapshot["state_dict"])
+    return model.to(device)

@@ -1,0 +1,154 @@
+"""Burn-in: ordinary supervised training that produces the snapshots the online
+phase starts from (ALGORITHM.md section 1, phase 1).
+
+Run directory layout::
+
+    OUT/config.json              the configuration and provenance
+    OUT/history.json             per-epoch test error, train loss, seconds
+    OUT/checkpoint.pt            the latest epoch (model + optimizer), for resuming
+    OUT/snapshots/epoch_NNN.pt   snapshots at the chosen epochs (historical models)
+
+Interrupting and re-running the same command resumes from ``checkpoint.pt``;
+on CPU the final weights equal those of an uninterrupted run (the data order of
+epoch e depends only on (seed, e)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memdisc.artifacts import load_snapshot, provenance, save_snapshot, write_json
+from memdisc.config import field, to_dict
+from memdisc.data import iterate_minibatches, load_dataset
+from memdisc.evaluate import error_rate
+from memdisc.models import build_model
+
+
+@dataclasses.dataclass
+class BurninConfig:
+    dataset: str = field("fashion-mnist", "dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn")
+    data_dir: str | None = field(None, "directory holding the dataset files (default: the dataset's standard place)")
+    model: str = field("cnn", "model name: cnn, resnet18")
+    norm: str = field("auto", "normalisation layers: auto, bn, gn, none")
+    epochs: int = field(6, "training epochs (seed: 40 on CIFAR-10)")
+    batch_size: int = field(128, "minibatch size (seed: 256)")
+    lr: float = field(0.05, "SGD learning rate (seed: 0.1 for ResNet-18)")
+    momentum: float = field(0.9, "SGD momentum")
+    weight_decay: float = field(1e-4, "SGD weight decay")
+    augment: bool = field(False, "random crop + horizontal flip (seed: on for CIFAR-10)")
+    snapshot_every: int = field(1, "save a snapshot every N epochs (the last epoch is always saved)")
+    train_subset: int | None = field(None, "use only the first N training images (tests, quick looks)")
+    test_subset: int | None = field(None, "evaluate on only the first N test images")
+    seed: int = field(0, "random seed for initialisation and data order")
+    device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
+    out: str | None = field(None, "run directory (default: runs/burnin-DATASET-MODEL-sSEED)")
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.out is None:
+            self.out = f"runs/burnin-{self.dataset}-{self.model}-s{self.seed}"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else must be a valid torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device: expected cpu, cuda or auto, got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def _resume_config_matches(saved: dict, current: dict) -> None:
+    ignore = {"epochs", "device", "out"}
+    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"out: the run directory holds a checkpoint with another configuration {diff}; "
+                         "use a different --out or delete the directory")
+
+
+def snapshot_path(out: str | Path, epoch: int) -> Path:
+    return Path(out) / "snapshots" / f"epoch_{epoch:03d}.pt"
+
+
+def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
+    """Train, evaluate every epoch, save snapshots; resume if ``cfg.out`` has a checkpoint.
+
+    Returns the history dict (also written to OUT/history.json).
+    """
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    test = load_dataset(cfg.dataset, "test", cfg.data_dir)
+    if cfg.train_subset:
+        train = train.subset(torch.arange(min(cfg.train_subset, len(train))))
+    if cfg.test_subset:
+        test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
+    x_test, y_test = (t.to(device) for t in test.tensors())
+
+    pixels = train.images.float().div_(255)
+    spec = {"name": cfg.model, "in_channels": train.shape[0], "num_classes": train.num_classes,
+            "image_size": train.shape[1], "norm": cfg.norm,
+            "mean": pixels.mean(dim=(0, 2, 3)).tolist(), "std": pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()}
+    del pixels
+    torch.manual_seed(cfg.seed)
+    model = build_model(**spec).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = load_snapshot(ckpt_path)
+        _resume_config_matches(ckpt["config"], to_dict(cfg))
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_epoch, history = ckpt["epoch"], ckpt["extra"]["history"]
+        print(f"resuming {out} from epoch {start_epoch}")
+    write_json(out / "config.json", {"command": "burnin", "config": to_dict(cfg), "provenance": provenance(cfg.seed, device)})
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        model.train()
+        total, count = torch.zeros((), device=device), 0
+        n_batches = -(-len(train) // cfg.batch_size)
+        bar = tqdm(iterate_minibatches(train, cfg.batch_size, gen, augment=cfg.augment), total=n_batches,
+                   desc=f"burn-in epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
+                   mininterval=1.0)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * y.shape[0]
+            count += y.shape[0]
+        err = error_rate(model, x_test, y_test)
+        record = {"epoch": epoch, "test_error": err, "train_loss": total.item() / max(1, count),
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if progress:
+            print(f"epoch {epoch}: test error {100 * err:.2f}%  train loss {record['train_loss']:.4f}  "
+                  f"({record['seconds']:.1f} s)")
+        common = dict(model=model, model_spec=spec, epoch=epoch, test_error=err, config=to_dict(cfg),
+                      seed=cfg.seed, optimizer=opt, extra={"history": history})
+        if epoch % cfg.snapshot_every == 0 or epoch == cfg.epochs:
+            save_snapshot(snapshot_path(out, epoch), **common)
+        save_snapshot(ckpt_path, **common)
+    result = {"config": to_dict(cfg), "history": history,
+              "final_test_error": history[-1]["test_error"] if history else None,
+              "seconds": sum(h["seconds"] for h in history), "provenance": provenance(cfg.seed, device)}
+    write_json(out / "history.json", result)
+    return result

@@ -1,0 +1,302 @@
+"""Defences: how the online model consumes each incoming batch (ALGORITHM.md
+sections 3 and 5).  A defence never sees which samples are poisoned.
+
+One interface for all of them, usable from any training loop::
+
+    x_train, report = defense.correct(model, x, y, step)   # the batch to train on
+    loss, report = defense.train_step(model, optimizer, x, y, step)  # correct + one SGD step
+
+``report`` is a :class:`BatchReport` with per-sample information.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memdisc.ops import pgd_step_
+from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
+
+
+@dataclasses.dataclass
+class BatchReport:
+    """What a defence did to one batch.
+
+    md: ``[B]`` discrepancy of each received sample (reduced over snapshots), or None
+        for defences that do not compute it.
+    moved: ``[B]`` bool, rows that the correction changed at least once.
+    iterations: ``[B]`` int, correction steps applied to each row.
+    threshold: the threshold used for this batch (DSC), else None.
+    """
+    md: torch.Tensor | None
+    moved: torch.Tensor
+    iterations: torch.Tensor
+    threshold: float | None = None
+
+
+def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating [B, ...] batch, got {getattr(x, 'shape', type(x))}")
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.dtype != torch.long:
+        raise ValueError(f"y: expected int64 labels of shape [{x.shape[0]}], got {getattr(y, 'dtype', type(y))} "
+                         f"{tuple(getattr(y, 'shape', ()))}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x: the batch contains NaN or Inf values")
+
+
+class Defense:
+    """ST: train on the batch as received (the undefended case)."""
+
+    name = "ST"
+
+    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, BatchReport]:
+        """Return the batch to train on ([B, ...], same dtype) and a report."""
+        _check_batch(x, y)
+        zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return x, BatchReport(md=None, moved=zeros.bool(), iterations=zeros)
+
+    def clip_gradients(self, model: nn.Module) -> None:
+        """Hook between backward and the optimizer step (GC clips here)."""
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   step: int) -> tuple[torch.Tensor, BatchReport]:
+        """Correct the batch, then one SGD step (model in train mode, plain mean CE).  Returns (loss, report)."""
+        x_train, report = self.correct(model, x, y, step)
+        model.train()
+        loss = F.cross_entropy(model(x_train), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.clip_gradients(model)
+        optimizer.step()
+        return loss.detach(), report
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class GradientClipping(Defense):
+    """GC: ST with the gradient norm clipped to ``bound`` before each step (seed: L-inf, 0.01)."""
+
+    name = "GC"
+
+    def __init__(self, norm: str = "inf", bound: float = 0.01):
+        if norm not in ("inf", "2"):
+            raise ValueError(f"gc_norm: expected 'inf' or '2', got {norm!r}")
+        if not bound > 0:
+            raise ValueError(f"gc_bound: expected > 0, got {bound}")
+        self.norm_type, self.bound = (math.inf if norm == "inf" else 2.0), bound
+
+    def clip_gradients(self, model: nn.Module) -> None:
+        nn.utils.clip_grad_norm_(model.parameters(), self.bound, norm_type=self.norm_type)
+
+
+class _PGDCorrection(Defense):
+    """Shared loop of the input-space corrections: ``iters`` signed steps of ``step_size``
+    in the L-inf ball of radius ``eps`` around the received batch, clamped to [0, 1]."""
+
+    descent = True
+
+    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2):
+        if iters < 0:
+            raise ValueError(f"iters: expected >= 0, got {iters}")
+        if not step_size > 0 or not eps >= 0:
+            raise ValueError(f"step_size/eps: expected step_size > 0 and eps >= 0, got {step_size}, {eps}")
+        self.iters, self.step_size, self.eps = iters, step_size, eps
+
+    def loss(self, model: nn.Module, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def setup(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        return None
+
+    def correct(self, model, x, y, step):
+        _check_batch(x, y)
+        was_training = model.training
+        model.eval()
+        ctx = self.setup(model, x, y)
+        x_adv = x.detach().clone()
+        for _ in range(self.iters):
+            x_adv.requires_grad_(True)
+            loss = self.loss(model, model(x_adv), x, y, ctx)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach()
+            pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, descent=self.descent)
+        model.train(was_training)
+        iters = torch.full((x.shape[0],), self.iters, dtype=torch.long, device=x.device)
+        return x_adv, BatchReport(md=None, moved=iters > 0, iterations=iters)
+
+
+class SeedAT(_PGDCorrection):
+    """AT as the seed code does it: loss *descent*, no early stop, plus a small
+    KL-to-natural-output term: loss = CE(f(x'), y) + kl_weight * KL(f(x) || f(x'))."""
+
+    name = "AT-seed"
+
+    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2, kl_weight: float = 0.1):
+        super().__init__(iters, step_size, eps)
+        self.kl_weight = kl_weight
+
+    def setup(self, model, x, y):
+        with torch.no_grad():
+            return F.softmax(model(x), dim=1)
+
+    def loss(self, model, logits, x, y, p_natural):
+        kl = F.kl_div(F.log_softmax(logits, dim=1), p_natural, reduction="batchmean")
+        return F.cross_entropy(logits, y) + self.kl_weight * kl
+
+
+class MadryAT(_PGDCorrection):
+    """Standard (Madry) adversarial training: loss *ascent* PGD, then train on the result."""
+
+    name = "AT-madry"
+    descent = False
+
+
+class ThresholdSchedule:
+    """The DSC threshold tau as a function of the online step s.
+
+    kind="seed":       tau = tau0 + slope * s  (the seed's CIFAR-10 schedule 0.5 + 0.02 s)
+    kind="fixed":      tau = tau0
+    kind="calibrated": tau = the ``quantile`` of the discrepancy on clean held-out data
+                       under the current model, re-measured every ``every`` steps
+                       (per-sample scores in per-sample mode; means of resampled
+                       batches of the stream's batch size in per-batch mode).
+    """
+
+    def __init__(self, kind: str = "calibrated", tau0: float = 0.5, slope: float = 0.02, quantile: float = 0.95,
+                 every: int = 1):
+        if kind not in ("seed", "fixed", "calibrated"):
+            raise ValueError(f"dsc_threshold: expected 'seed', 'fixed' or 'calibrated', got {kind!r}")
+        if not 0 < quantile < 1:
+            raise ValueError(f"dsc_quantile: expected 0 < q < 1, got {quantile}")
+        if every < 1:
+            raise ValueError(f"dsc_recalibrate_every: expected >= 1, got {every}")
+        self.kind, self.tau0, self.slope, self.quantile, self.every = kind, tau0, slope, quantile, every
+        self.value: float | None = None
+        self.last_step: int | None = None
+
+    def needs_measurement(self, step: int) -> bool:
+        return self.kind == "calibrated" and (self.last_step is None or step - self.last_step >= self.every)
+
+    def update(self, step: int, clean_scores: torch.Tensor, batch_size: int | None, generator: torch.Generator):
+        """Set tau from per-sample clean scores ``[N]`` (batch_size given: per-batch mode)."""
+        scores = clean_scores.float().cpu()
+        if batch_size is not None:
+            idx = torch.randint(0, scores.numel(), (256, batch_size), generator=generator)
+            scores = scores[idx].mean(1)
+        self.value = float(torch.quantile(scores, self.quantile))
+        self.last_step = step
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "seed":
+            return self.tau0 + self.slope * step
+        if self.kind == "fixed":
+            return self.tau0
+        if self.value is None:
+            raise RuntimeError("DSC: the calibrated threshold has not been measured; call calibrate() first")
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.last_step = state["value"], state["last_step"]
+
+
+class DSC(Defense):
+    """Discrepancy-aware Sample Correction (ALGORITHM.md section 3).
+
+    Before each of at most ``iters`` signed descent steps on CE (current model,
+    eval mode), the discrepancy D of the corrected batch to the snapshots is
+    measured; a row stops moving for good once
+
+    * mode="batch":  mean_i D_i <= tau   (the seed's per-batch rule), or
+    * mode="sample": its own D_i <= tau  (per-sample rule).
+
+    The stop is a device-side mask fed to the fused PGD step, so the loop has
+    no host synchronisation; ``early_exit`` (default: on CPU only, where a
+    sync is free) leaves the loop once no row is active.
+    """
+
+    def __init__(self, snapshots: SnapshotSet, mode: str = "sample", schedule: ThresholdSchedule | None = None,
+                 iters: int = 10, step_size: float = 0.02, eps: float = 0.2, reduce: str | int = "mean",
+                 temperature: float = 1.0, early_exit: str | bool = "auto",
+                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0):
+        if mode not in ("batch", "sample"):
+            raise ValueError(f"dsc_mode: expected 'batch' or 'sample', got {mode!r}")
+        if iters < 0 or not step_size > 0 or not eps >= 0:
+            raise ValueError(f"dsc_iters/dsc_step/dsc_eps: expected >= 0, > 0, >= 0; got {iters}, {step_size}, {eps}")
+        self.snapshots, self.mode, self.reduce, self.temperature = snapshots, mode, reduce, temperature
+        self.schedule = schedule or ThresholdSchedule()
+        self.iters, self.step_size, self.eps, self.early_exit = iters, step_size, eps, early_exit
+        self.heldout = heldout
+        self.generator = torch.Generator().manual_seed(seed)
+        if self.schedule.kind == "calibrated" and heldout is None:
+            raise ValueError("heldout: the calibrated threshold needs clean held-out data (x, y)")
+        self.name = f"DSC-{mode}"
+
+    def scores(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample discrepancy ``[B]`` of the model (eval mode) to the snapshots on x, no grad."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            md = reduce_over_snapshots(self.snapshots.discrepancy(model(x), x, self.temperature), self.reduce)
+        model.train(was_training)
+        return md
+
+    def calibrate(self, model: nn.Module, step: int, batch_size: int) -> None:
+        """Re-measure the calibrated threshold on the held-out clean data if it is due
+        (``batch_size``: the stream's, for the per-batch rule's resampled batch means)."""
+        if self.schedule.needs_measurement(step):
+            x, _ = self.heldout
+            batch = None if self.mode == "sample" else batch_size
+            self.schedule.update(step, self.scores(model, x), batch, self.generator)
+
+    def correct(self, model, x, y, step):
+        _check_batch(x, y)
+        self.calibrate(model, step, x.shape[0])
+        tau = self.schedule(step)
+        early_exit = (x.device.type == "cpu") if self.early_exit == "auto" else bool(self.early_exit)
+        was_training = model.training
+        model.eval()
+        B = x.shape[0]
+        active = torch.ones(B, dtype=torch.bool, device=x.device)
+        iterations = torch.zeros(B, dtype=torch.long, device=x.device)
+        x_adv = x.detach().clone()
+        md_received = None
+        for it in range(self.iters):
+            x_adv.requires_grad_(True)
+            logits = model(x_adv)
+            md = reduce_over_snapshots(
+                self.snapshots.discrepancy(logits.detach(), x_adv.detach(), self.temperature), self.reduce)
+            if md_received is None:
+                md_received = md
+            over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
+            active &= over
+            if early_exit and not bool(active.any()):
+                break
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x_adv)
+            x_adv = x_adv.detach()
+            pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, active=active, descent=True)
+            iterations += active
+        model.train(was_training)
+        if md_received is None:
+            md_received = self.scores(model, x)
+        return x_adv.detach(), BatchReport(md=md_received, moved=iterations > 0, iterations=iterations,
+                                           threshold=tau)
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.generator.set_state(state["generator"])
+
+
+DEFENSES = ("ST", "GC", "AT-seed", "AT-madry", "DSC-batch", "DSC-sample")
