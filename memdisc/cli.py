@@ -1,6 +1,8 @@
 """The ``memdisc`` command line: one entry point, one subcommand per job.
 
+    memdisc compare [--config FILE] [--flags]   burn-in, control and every defence, report
     memdisc burnin  [--config FILE] [--flags]   supervised training + snapshots
+    memdisc online  [--config FILE] [--flags]   one online run (attack + one defence)
     memdisc info                                versions and kernel status
 
 Every option can come from a TOML file (``--config``) or a flag; flags win.
@@ -12,11 +14,34 @@ import argparse
 import json
 import sys
 
-from memdisc.config import add_config_arguments, config_from_args
+from memdisc.config import add_config_arguments, args_to_overrides, load_config
 
 def _burnin_config():
     from memdisc.burnin import BurninConfig
     return BurninConfig
+
+
+def _online_config():
+    from memdisc.online import OnlineConfig
+    return OnlineConfig
+
+
+def _compare_config():
+    from memdisc.compare import CompareConfig
+    return CompareConfig
+
+
+def _run_compare(cfg):
+    from memdisc.compare import run_compare
+    run_compare(cfg)
+
+
+def _run_online(cfg):
+    from memdisc.online import run_online
+    r = run_online(cfg)
+    print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r['error_before_trigger']:.2f}% -> "
+          f"{100 * r['error_after_trigger']:.2f}% after the trigger; {r['steps_run']} steps ({r['stop_reason']}); "
+          f"result in {cfg.out}/result.json")
 
 
 def _run_burnin(cfg):
@@ -47,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _commands():
     return {
+        "compare": (_compare_config, "the main job: burn-in, the no-attack control and every defence on one "
+                    "seeded stream, then results.json, a Markdown table and plots", _run_compare),
         "burnin": (_burnin_config, "supervised burn-in training with snapshots at chosen epochs", _run_burnin),
+        "online": (_online_config, "one online run: accumulative attack (or control) against one defence",
+                   _run_online),
         "info": (None, "print versions, device and whether the compiled kernels are loaded", _info),
     }
 
@@ -57,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config_factory, _, fn = _commands()[args.command]
     try:
-        cfg = config_from_args(config_factory(), args) if config_factory is not None else None
+        cfg = None
+        if config_factory is not None:
+            cls = config_factory()
+            overrides = args_to_overrides(cls, args)
+            if args.command == "compare":
+                from memdisc.compare import load_compare_config
+                cfg = load_compare_config(args.config, overrides)
+            else:
+                cfg = load_config(cls, args.config, overrides)
         fn(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"memdisc {args.command}: error: {exc}", file=sys.stderr)

@@ -1,9 +1,10 @@
-"""Command configurations: one dataclass per command, filled from a TOML file
-and/or command-line flags (flags win).
+"""Command configurations: one dataclass per command, filled from defaults, an
+optional preset, a TOML file and command-line flags (later sources win).
 
-Every field of a config dataclass becomes a flag ``--field-name``; its help
-text is the field's ``metadata["help"]``.  ``load_config`` validates names and
-types, so a typo in a TOML file is an error naming the key, not a silent default.
+Every field becomes a flag ``--field-name`` with its ``metadata["help"]`` as
+help text.  A field whose type is itself a dataclass is a *section*: a TOML
+table ``[section]`` and flags ``--section-field``.  Unknown keys and values of
+the wrong type are errors naming the key, never silent defaults.
 """
 from __future__ import annotations
 
@@ -17,17 +18,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse's name
+def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
     """A dataclass field with a help string for its command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:  # noqa: A002
+    """A nested dataclass field (a TOML table, flags prefixed with its name)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
 def _base_type(tp):
-    """(scalar type, optional) of a field annotation such as ``int | None``."""
+    """(scalar type, optional) of an annotation such as ``int | None``."""
     args = typing.get_args(tp)
     if args and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
+        return [a for a in args if a is not type(None)][0], True
     return tp, False
 
 
@@ -40,55 +45,102 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config FILE`` and one ``--field-name`` flag per dataclass field."""
-    parser.add_argument("--config", type=Path, default=None, help="TOML file with option values (flags override it)")
+def _fields(cls: type):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, optional = _base_type(hints[f.name])
-        conv = _parse_bool if tp is bool else tp
-        default = f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
-                            metavar=tp.__name__.upper(),
+        yield f, hints[f.name]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """Add ``--config FILE`` (top level only) and one flag per (nested) dataclass field."""
+    if not prefix:
+        parser.add_argument("--config", type=Path, default=None,
+                            help="TOML file with option values (flags override it)")
+    for f, tp in _fields(cls):
+        if dataclasses.is_dataclass(tp):
+            add_config_arguments(parser, tp, prefix + f.name + "_")
+            continue
+        tp, _ = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name,
+                            type=_parse_bool if tp is bool else tp, default=None, metavar=tp.__name__.upper(),
                             help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
-def load_config(cls: type[T], toml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build ``cls`` from defaults, then a TOML file, then non-None overrides.
+def _check_value(key: str, value: Any, annotation) -> Any:
+    tp, optional = _base_type(annotation)
+    if value is None and optional:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {tp.__name__}{' or none' if optional else ''}, got {value!r}")
+    return value
 
-    Raises ValueError naming any unknown key or a value of the wrong type.
-    """
-    values: dict[str, Any] = {}
-    if toml_path is not None:
-        path = Path(toml_path)
-        if not path.is_file():
-            raise ValueError(f"config: no such file {path}")
-        try:
-            values.update(tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config: {path} is not valid TOML: {exc}") from exc
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+
+def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+    """Construct ``cls`` from a (nested) dict, validating names and types."""
+    known = {f.name: (f, tp) for f, tp in _fields(cls)}
+    kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            raise ValueError(f"config: unknown option {key!r} for {cls.__name__}; known: {sorted(names)}")
-        tp, optional = _base_type(hints[key])
-        if value is None and optional:
-            continue
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")
-    return cls(**values)
+        if key not in known:
+            raise ValueError(f"config: unknown option {where + key!r}; known: {sorted(known)}")
+        _, tp = known[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where + key}: expected a table of options, got {value!r}")
+            kwargs[key] = build(tp, value, where + key + ".")
+        else:
+            kwargs[key] = _check_value(where + key, value, tp)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of nested option dicts (``update`` wins; None values in update are skipped)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def read_toml(path: Path | str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: no such file {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config: {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(cls: type[T], toml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from defaults, then a TOML file, then (nested) non-None overrides."""
+    return build(cls, merge(read_toml(toml_path), overrides or {}))
+
+
+def args_to_overrides(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The nested override dict of the flags given on a command line (unset flags omitted)."""
+    out: dict[str, Any] = {}
+    for f, tp in _fields(cls):
+        if dataclasses.is_dataclass(tp):
+            nested = args_to_overrides(tp, args, prefix + f.name + "_")
+            if nested:
+                out[f.name] = nested
+        elif getattr(args, prefix + f.name, None) is not None:
+            out[f.name] = getattr(args, prefix + f.name)
+    return out
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The config for a parsed command line made by ``add_config_arguments``."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    return load_config(cls, args.config, {n: getattr(args, n) for n in names})
+    return load_config(cls, args.config, args_to_overrides(cls, args))
 
 
 def to_dict(config) -> dict[str, Any]:
-    """The config as a JSON-serialisable dict."""
+    """The config as a JSON-serialisable (nested) dict."""
     return dataclasses.asdict(config)

@@ -69,6 +69,16 @@ class SnapshotSet:
                     t.copy_(state[name])
         self._stacked = None
 
+    def state_dict(self) -> dict:
+        """The ring history (fixed snapshots are rebuilt from their files)."""
+        return {"history": list(self._history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the ring history; the ring slots are refreshed by the next :meth:`observe`."""
+        self._history.clear()
+        self._history.extend(state["history"])
+        self._stacked = None
+
     def to(self, device) -> "SnapshotSet":
         self._fixed = [m.to(device) for m in self._fixed]
         self._ring_models = [m.to(device) for m in self._ring_models]

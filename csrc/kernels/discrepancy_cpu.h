@@ -80,11 +80,6 @@ inline int64_t discrepancy_backward_scratch(int64_t C) { return 3 * padded_row<a
 
 namespace detail {
 
-template <typename acc_t>
-MEMDISC_INLINE typename Simd<acc_t>::V select_lanes(int64_t n, typename Simd<acc_t>::V v, acc_t fill) {
-  return iota<acc_t>() < static_cast<typename Simd<acc_t>::L>(n) ? v : splat(fill);
-}
-
 // max_c v_c over one row of n >= 1 values (end: end of the readable buffer).
 template <typename scalar_t, typename acc_t>
 MEMDISC_INLINE acc_t row_max(const scalar_t* v, int64_t n, const scalar_t* end) {
@@ -140,26 +135,38 @@ MEMDISC_INLINE void forward_rows(const DiscrepancyForwardArgs<scalar_t, acc_t>& 
     if (p.reverse) {
       for (int64_t c = 0; c < C; c += W) store<acc_t, acc_t>(pt + c, exp_vec(load_full<acc_t>(xa + c) - log_sa), W);
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const scalar_t* b = p.snapshots + (k * B + i) * C;
-      V s = zero, w = zero;
-      acc_t mb;
-      if (C <= W) {  // one vector per row: a single load serves the max and the exp pass
-        const V vb = load<acc_t>(b, C, acc_t(0), b_end);
-        mb = hmax(select_lanes<acc_t>(C, vb, ninf)) * inv_t;
-        forward_chunk<acc_t>(vb * inv_t - mb, C, xa, pt, xa + Cp, p.reverse, s, w);
-      } else {
-        mb = row_max<scalar_t, acc_t>(b, C, b_end) * inv_t;
-        for (int64_t c = 0; c < C; c += W) {
-          const int64_t n = std::min<int64_t>(W, C - c);
-          forward_chunk<acc_t>(load<acc_t>(b + c, n, acc_t(0), b_end) * inv_t - mb, n, xa + c, pt + c, xa + Cp,
-                               p.reverse, s, w);
+    // Snapshots in blocks of W: the per-row sums land in lanes, so the logs and
+    // the final KL assembly are one vector step per block.
+    for (int64_t k0 = 0; k0 < K; k0 += W) {
+      const int64_t nk = std::min<int64_t>(W, K - k0);
+      V mbv = zero, ssv = splat(acc_t(1)), wsv = zero;
+      for (int64_t kk = 0; kk < nk; ++kk) {
+        const scalar_t* b = p.snapshots + ((k0 + kk) * B + i) * C;
+        V s = zero, w = zero;
+        acc_t mb;
+        if (C <= W) {  // one vector per row: a single load serves the max and the exp pass
+          const V vb = load<acc_t>(b, C, acc_t(0), b_end);
+          mb = hmax(select_lanes<acc_t>(C, vb, ninf)) * inv_t;
+          forward_chunk<acc_t>(vb * inv_t - mb, C, xa, pt, xa + Cp, p.reverse, s, w);
+        } else {
+          mb = row_max<scalar_t, acc_t>(b, C, b_end) * inv_t;
+          for (int64_t c = 0; c < C; c += W) {
+            const int64_t n = std::min<int64_t>(W, C - c);
+            forward_chunk<acc_t>(load<acc_t>(b + c, n, acc_t(0), b_end) * inv_t - mb, n, xa + c, pt + c, xa + Cp,
+                                 p.reverse, s, w);
+          }
         }
+        mbv[kk] = mb;
+        ssv[kk] = hsum(s);
+        wsv[kk] = hsum(w);
       }
-      const acc_t ss = hsum(s), ws = hsum(w);
-      const acc_t log_sb = std::log(ss);
-      p.lse_snap[k * B + i] = mb + log_sb;
-      p.kl[k * B + i] = p.reverse ? (ws + log_sb - log_sa) : (ws / ss + log_sa - log_sb);
+      const V log_sb = log_vec(ssv);
+      const V lse = mbv + log_sb;
+      const V klv = p.reverse ? (wsv + log_sb - log_sa) : (wsv / ssv + log_sa - log_sb);
+      for (int64_t kk = 0; kk < nk; ++kk) {
+        p.lse_snap[(k0 + kk) * B + i] = lse[kk];
+        p.kl[(k0 + kk) * B + i] = klv[kk];
+      }
     }
   }
 }

@@ -79,6 +79,8 @@ struct Simd<float> {
   typedef int32_t I __attribute__((vector_size(64)));
   typedef int32_t L;  // lane type of I
   static constexpr int W = 16;
+  alignas(64) static constexpr L kLaneMask[2 * W] = {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                     0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0};
 };
 
 template <>
@@ -87,6 +89,7 @@ struct Simd<double> {
   typedef int64_t I __attribute__((vector_size(64)));
   typedef int64_t L;
   static constexpr int W = 8;
+  alignas(64) static constexpr L kLaneMask[2 * W] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 };
 
 template <typename acc_t>
@@ -95,12 +98,23 @@ MEMDISC_INLINE typename Simd<acc_t>::V splat(acc_t v) {
   return r + v;
 }
 
-// Lane index 0..W-1, as the integer vector type (for tail masks: iota < n).
+// Lanes < n of v, `fill` in the others (0 <= n <= W).  Bitwise, with the lane
+// mask read from a table: GCC lowers a vector ternary on a runtime count lane
+// by lane, which costs more than the whole exp.
 template <typename acc_t>
-MEMDISC_INLINE typename Simd<acc_t>::I iota() {
-  typename Simd<acc_t>::I r = {};
-  for (int j = 0; j < Simd<acc_t>::W; ++j) r[j] = j;
-  return r;
+MEMDISC_INLINE typename Simd<acc_t>::V select_lanes(int64_t n, typename Simd<acc_t>::V v, acc_t fill) {
+  using V = typename Simd<acc_t>::V;
+  using I = typename Simd<acc_t>::I;
+  constexpr int W = Simd<acc_t>::W;
+  I mask, vi, fi;
+  std::memcpy(&mask, Simd<acc_t>::kLaneMask + (W - n), sizeof(mask));
+  const V f = splat(fill);
+  std::memcpy(&vi, &v, sizeof(v));
+  std::memcpy(&fi, &f, sizeof(f));
+  vi = (vi & mask) | (fi & ~mask);
+  V out;
+  std::memcpy(&out, &vi, sizeof(out));
+  return out;
 }
 
 // Load W values of scalar_t as acc_t (a plain vector load when the types match).
@@ -125,8 +139,7 @@ MEMDISC_INLINE typename Simd<acc_t>::V load(const scalar_t* p, int64_t n, acc_t 
   using V = typename Simd<acc_t>::V;
   if (n == W) return load_full<acc_t>(p);
   if (end - p >= W) {
-    const V v = load_full<acc_t>(p);
-    return iota<acc_t>() < static_cast<typename Simd<acc_t>::L>(n) ? v : splat(fill);
+    return select_lanes<acc_t>(n, load_full<acc_t>(p), fill);
   }
   V v;
   for (int j = 0; j < W; ++j) v[j] = j < n ? static_cast<acc_t>(p[j]) : fill;
@@ -212,6 +225,50 @@ MEMDISC_INLINE Simd<float>::V exp_vec(Simd<float>::V x) {
   out = x < lo ? splat(0.0f) : out;
   out = x > hi ? inf : out;
   return out;
+}
+
+// Natural log, Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8
+// polynomial in m - 1, e ln2 added in two parts.  Error <= 2 ulp for positive
+// normal x; +inf and NaN pass through (the kernels only take logs of sums >= 1).
+MEMDISC_INLINE Simd<float>::V log_vec(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  I xi;
+  std::memcpy(&xi, &x, sizeof(x));
+  I e = ((xi >> 23) & 0xff) - 126;  // x = m 2^e, m in [0.5, 1)
+  I mi = (xi & 0x007fffff) | 0x3f000000;
+  V m;
+  std::memcpy(&m, &mi, sizeof(m));
+  const I small = m < 0.707106781186547524f;  // -1 where m < sqrt(1/2): use 2m, e - 1
+  e += small;
+  I smi;
+  std::memcpy(&smi, &m, sizeof(m));
+  smi &= small;  // m where small, else 0
+  V ms;
+  std::memcpy(&ms, &smi, sizeof(ms));
+  m = m - 1.0f + ms;  // m - 1, or 2m - 1 where small
+  const V ef = __builtin_convertvector(e, V);
+  const V z = m * m;
+  V y = splat(7.0376836292E-2f);
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * m * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  V out = m + y + ef * 0.693359375f;
+  const V big = splat(std::numeric_limits<float>::max());
+  return x <= big ? out : x;
+}
+
+MEMDISC_INLINE Simd<double>::V log_vec(Simd<double>::V x) {
+  for (int j = 0; j < Simd<double>::W; ++j) x[j] = std::log(x[j]);
+  return x;
 }
 
 MEMDISC_INLINE Simd<double>::V exp_vec(Simd<double>::V x) {

@@ -1,0 +1,310 @@
+"""The online (accumulative) phase and the trigger step: ALGORITHM.md section 1,
+phases 2 and 3, with a defence in the loop and Memorization Discrepancy
+recorded as a poison score.
+
+Data split (all seeded):
+* stream: fresh batches of the training set minus the defender's held-out slice;
+* heldout: clean training samples the defender may use (DSC calibration);
+* test set: the attacker's validation batch S_val and clean trigger S_T are drawn
+  from it, the rest is the evaluation set (per-step error on its first
+  ``eval_size`` samples, before/after-trigger error on all of it).
+
+Per step s: the attacker poisons the incoming batch (if attacking) -> MD of
+the poisoned batch and of its clean counterpart are recorded (evaluation only,
+never shown to the defence) -> the defence trains on the batch -> test error.
+Accumulation stops when the error exceeds the stop threshold or after
+``max_steps``; then one step on the (poisoned) trigger batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memdisc.artifacts import (atomic_torch_save, load_snapshot, model_from_snapshot, provenance, write_json)
+from memdisc.attacks import AccumulativeAttack, AttackConfig
+from memdisc.burnin import resolve_device, snapshot_path
+from memdisc.config import field, section, to_dict
+from memdisc.data import BatchStream, load_dataset
+from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, SeedAT, ThresholdSchedule)
+from memdisc.evaluate import error_rate
+from memdisc.metrics import detection_summary
+from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
+
+
+@dataclasses.dataclass
+class DSCConfig:
+    threshold: str = field("calibrated", "threshold schedule: calibrated, seed (0.5 + 0.02 s) or fixed")
+    tau0: float = field(0.5, "seed/fixed schedule: tau at step 0")
+    slope: float = field(0.02, "seed schedule: tau increase per online step")
+    quantile: float = field(0.95, "calibrated schedule: quantile of clean held-out discrepancy")
+    recalibrate_every: int = field(1, "calibrated schedule: re-measure every N online steps")
+    iters: int = field(10, "maximum correction steps per batch")
+    step_size: float = field(0.02, "correction step size")
+    eps: float = field(0.2, "L-inf radius of the correction around the received batch")
+    reduce: str = field("mean", "reduction over K snapshots: mean, max or min")
+
+
+@dataclasses.dataclass
+class BaselineConfig:
+    gc_norm: str = field("inf", "GC: gradient norm, inf or 2")
+    gc_bound: float = field(0.01, "GC: gradient norm bound")
+    at_iters: int = field(10, "AT: PGD steps")
+    at_step_size: float = field(0.02, "AT: step size")
+    at_eps: float = field(0.2, "AT: L-inf radius")
+    at_kl_weight: float = field(0.1, "AT-seed: weight of the KL-to-natural-output term")
+
+
+@dataclasses.dataclass
+class OnlineConfig:
+    burnin: str = field("runs/burnin-fashion-mnist-cnn-s0", "burn-in run directory (its snapshots)")
+    start_epoch: int | None = field(None, "burn-in epoch the online model starts from (default: the last)")
+    history_epochs: str = field("3", "comma list of burn-in epochs used as historical snapshots")
+    ring_lags: str = field("", "comma list of N: snapshots that follow the online model N steps behind")
+    defense: str = field("ST", f"defence: {', '.join(DEFENSES)}")
+    control: bool = field(False, "the no-attack control: the same stream, never poisoned")
+    batch_size: int = field(100, "online batch size")
+    lr: float = field(0.1, "online SGD learning rate")
+    momentum: float = field(0.9, "online SGD momentum")
+    weight_decay: float = field(0.0, "online SGD weight decay")
+    victim_momentum: float | None = field(None, "momentum during accumulation only (Pang et al.: 1.1)")
+    max_steps: int = field(100, "maximum accumulative steps")
+    stop_rise: float = field(0.05, "stop accumulating once the eval error exceeds burn-in error + this")
+    stop_error: float | None = field(None, "absolute stop threshold instead (seed: 0.18 on CIFAR-10)")
+    eval_size: int = field(1000, "test samples evaluated after every step")
+    val_size: int = field(500, "attacker's validation batch S_val (from the test set)")
+    heldout_size: int = field(500, "defender's clean held-out training samples (DSC calibration)")
+    repeat_first: bool = field(False, "seed behaviour: the stream repeats the first batch every step")
+    checkpoint_every: int = field(10, "save resumable state every N steps")
+    seed: int = field(0, "random seed (stream, splits, attack)")
+    device: str = field("auto", "cpu, cuda or auto")
+    out: str | None = field(None, "run directory (default: BURNIN/online-DEFENSE[-control]-sSEED)")
+    attack: AttackConfig = section(AttackConfig, "the accumulative attack")
+    dsc: DSCConfig = section(DSCConfig, "DSC options")
+    baselines: BaselineConfig = section(BaselineConfig, "GC / AT options")
+
+    def __post_init__(self):
+        if self.defense not in DEFENSES:
+            raise ValueError(f"defense: expected one of {', '.join(DEFENSES)}, got {self.defense!r}")
+        for name in ("batch_size", "max_steps", "eval_size", "val_size", "heldout_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.out is None:
+            tag = "-control" if self.control else ""
+            self.out = str(Path(self.burnin) / f"online-{self.defense}{tag}-s{self.seed}")
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{name}: expected a comma-separated list of integers, got {text!r}") from exc
+
+
+def _split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
+    """Disjoint index sets of the given sizes from a seeded permutation of range(n); the rest last."""
+    if sum(sizes) >= n:
+        raise ValueError(f"sizes: {sizes} leave nothing of a set of {n} samples")
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    out, start = [], 0
+    for size in sizes:
+        out.append(perm[start:start + size].sort().values)
+        start += size
+    out.append(perm[start:].sort().values)
+    return out
+
+
+def build_defense(cfg: OnlineConfig, snapshots: SnapshotSet, heldout) -> Defense:
+    """The defence named by ``cfg.defense``."""
+    b, d = cfg.baselines, cfg.dsc
+    if cfg.defense == "ST":
+        return Defense()
+    if cfg.defense == "GC":
+        return GradientClipping(b.gc_norm, b.gc_bound)
+    if cfg.defense == "AT-seed":
+        return SeedAT(b.at_iters, b.at_step_size, b.at_eps, b.at_kl_weight)
+    if cfg.defense == "AT-madry":
+        return MadryAT(b.at_iters, b.at_step_size, b.at_eps)
+    schedule = ThresholdSchedule(d.threshold, d.tau0, d.slope, d.quantile, d.recalibrate_every)
+    return DSC(snapshots, mode=cfg.defense.split("-")[1], schedule=schedule, iters=d.iters, step_size=d.step_size,
+               eps=d.eps, reduce=d.reduce, heldout=heldout, seed=cfg.seed)
+
+
+class OnlineRun:
+    """Everything one online run needs, set up from a config (see module docstring)."""
+
+    def __init__(self, cfg: OnlineConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        start = self._load_burnin_snapshot(cfg.start_epoch)
+        bcfg = start["config"]
+        self.burnin_error = float(start["test_error"])
+        train = load_dataset(bcfg["dataset"], "train", bcfg["data_dir"])
+        test = load_dataset(bcfg["dataset"], "test", bcfg["data_dir"])
+        heldout_idx, stream_idx = _split(len(train), [cfg.heldout_size], cfg.seed)
+        val_idx, trig_idx, eval_idx = _split(len(test), [cfg.val_size, cfg.batch_size], cfg.seed + 1)
+        dev = self.device
+        self.heldout = tuple(t.to(dev) for t in train.batch(heldout_idx))
+        self.stream = BatchStream(train.subset(stream_idx), cfg.batch_size, cfg.seed, repeat_first=cfg.repeat_first)
+        x_eval, y_eval = (t.to(dev) for t in test.batch(eval_idx))
+        self.eval_all = (x_eval, y_eval)
+        self.eval_step = (x_eval[:cfg.eval_size], y_eval[:cfg.eval_size])
+        self.trigger_clean = tuple(t.to(dev) for t in test.batch(trig_idx))
+        self.model = model_from_snapshot(start, dev)
+        history = [model_from_snapshot(self._load_burnin_snapshot(e), dev)
+                   for e in _int_list("history_epochs", cfg.history_epochs)]
+        self.snapshots = SnapshotSet(history, tuple(_int_list("ring_lags", cfg.ring_lags))).to(dev)
+        self.defense = build_defense(cfg, self.snapshots, self.heldout)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.attack = None
+        if not cfg.control:
+            x_val, y_val = (t.to(dev) for t in test.batch(val_idx))
+            self.attack = AccumulativeAttack(cfg.attack, *self.trigger_clean, x_val, y_val, seed=cfg.seed)
+        self.stop_error = cfg.stop_error if cfg.stop_error is not None else self.burnin_error + cfg.stop_rise
+
+    def _load_burnin_snapshot(self, epoch: int | None) -> dict:
+        root = Path(self.cfg.burnin)
+        path = root / "checkpoint.pt" if epoch is None else snapshot_path(root, epoch)
+        if not path.exists():
+            raise FileNotFoundError(f"burnin: no snapshot {path}; run `memdisc burnin` (with a snapshot at that "
+                                    f"epoch) or pass --burnin DIR / --history-epochs")
+        return load_snapshot(path)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample MD ``[B]`` of the current model (eval mode) on x, reduced over the snapshots."""
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            md = self.snapshots.discrepancy(self.model(x), x)
+        self.model.train(was_training)
+        return reduce_over_snapshots(md, self.cfg.dsc.reduce)
+
+
+def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
+    """Run (or resume, or return the finished result of) one online run; writes OUT/result.json."""
+    out = Path(cfg.out)
+    result_path = out / "result.json"
+    state_path = out / "state.pt"
+    if result_path.exists():
+        import json
+        done = json.loads(result_path.read_text())
+        if done.get("config") == to_dict(cfg):
+            return done
+    run = OnlineRun(cfg)
+    model, opt, attack, defense = run.model, run.optimizer, run.attack, run.defense
+    write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
+                                     "provenance": provenance(cfg.seed, run.device)})
+    log = {"step": [], "test_error": [], "md_poisoned": [], "md_clean": [], "corrected_fraction": [],
+           "threshold": []}
+    scores = {"poisoned": [], "clean": []}
+    batch_scores = {"poisoned": [], "clean": []}
+    timing = {"attack": 0.0, "defense": 0.0, "scoring": 0.0, "eval": 0.0}
+    step, stop_reason = 0, None
+    if state_path.exists():
+        state = torch.load(state_path, map_location=run.device, weights_only=False)
+        if state["config"] != to_dict(cfg):
+            raise ValueError(f"out: {out} holds a run with another configuration; use another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        defense.load_state_dict(state["defense"])
+        run.snapshots.load_state_dict(state["snapshots"])
+        if attack is not None:
+            attack.load_state_dict(state["attack"])
+        step, stop_reason, log, scores, batch_scores, timing = (
+            state["step"], state["stop_reason"], state["log"], state["scores"], state["batch_scores"], state["timing"])
+        print(f"resuming {out} at step {step}")
+    elif attack is not None:
+        attack.prepare(model)
+
+    def save_state():
+        atomic_torch_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "defense": defense.state_dict(), "snapshots": run.snapshots.state_dict(),
+                           "attack": attack.state_dict() if attack is not None else None, "step": step,
+                           "stop_reason": stop_reason, "log": log, "scores": scores, "batch_scores": batch_scores,
+                           "timing": timing}, state_path)
+
+    if cfg.victim_momentum is not None:
+        for group in opt.param_groups:
+            group["momentum"] = cfg.victim_momentum
+    name = "control (no attack)" if cfg.control else cfg.defense
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"online {name}", disable=not progress, leave=False,
+               mininterval=1.0)
+    while stop_reason is None:
+        x, y, _ = run.stream.batch_at(step)
+        x, y = x.to(run.device), y.to(run.device)
+        t0 = time.perf_counter()
+        if attack is not None:
+            x_in, poisoned = attack.poison(model, x, y, step)
+        else:
+            x_in, poisoned = x, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        t1 = time.perf_counter()
+        run.snapshots.observe(model)
+        md_in, md_clean = run.scores(x_in), run.scores(x)
+        t2 = time.perf_counter()
+        _, report = defense.train_step(model, opt, x_in, y, step)
+        t3 = time.perf_counter()
+        err = error_rate(model, *run.eval_step)
+        t4 = time.perf_counter()
+        timing["attack"] += t1 - t0
+        timing["scoring"] += t2 - t1
+        timing["defense"] += t3 - t2
+        timing["eval"] += t4 - t3
+        log["step"].append(step)
+        log["test_error"].append(err)
+        log["md_poisoned"].append(float(md_in[poisoned].mean()) if bool(poisoned.any()) else None)
+        log["md_clean"].append(float(md_clean.mean()))
+        log["corrected_fraction"].append(float(report.moved.float().mean()))
+        log["threshold"].append(report.threshold)
+        if attack is not None:
+            scores["poisoned"] += md_in[poisoned].tolist()
+            batch_scores["poisoned"].append(float(md_in.mean()))
+        scores["clean"] += md_clean.tolist()
+        batch_scores["clean"].append(float(md_clean.mean()))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(err=f"{100 * err:.1f}%")
+        if err > run.stop_error:
+            stop_reason = f"test error {100 * err:.2f}% exceeded the stop threshold {100 * run.stop_error:.2f}%"
+        elif step >= cfg.max_steps:
+            stop_reason = f"reached max_steps={cfg.max_steps}"
+        if stop_reason is not None or step % cfg.checkpoint_every == 0:
+            save_state()
+    bar.close()
+
+    # Trigger: one step on the (poisoned) trigger batch, with the ordinary momentum.
+    for group in opt.param_groups:
+        group["momentum"] = cfg.momentum
+    error_before = error_rate(model, *run.eval_all)
+    t0 = time.perf_counter()
+    x_t, y_t = attack.trigger_batch(model) if attack is not None else run.trigger_clean
+    trigger_md = float(run.scores(x_t).mean())
+    run.snapshots.observe(model)
+    defense.train_step(model, opt, x_t, y_t, step)
+    trigger_seconds = time.perf_counter() - t0
+    error_after = error_rate(model, *run.eval_all)
+
+    detection = {"per_sample": None, "per_batch": None}
+    if attack is not None and scores["poisoned"]:
+        n_p, n_c = len(scores["poisoned"]), len(scores["clean"])
+        detection["per_sample"] = detection_summary(scores["poisoned"] + scores["clean"], [1] * n_p + [0] * n_c)
+        bp, bc = batch_scores["poisoned"], batch_scores["clean"]
+        detection["per_batch"] = detection_summary(bp + bc, [1] * len(bp) + [0] * len(bc))
+    online_seconds = sum(timing.values())
+    result = {
+        "config": to_dict(cfg), "defense": cfg.defense, "attack": not cfg.control,
+        "error_after_burnin": run.burnin_error, "error_before_trigger": error_before,
+        "error_after_trigger": error_after, "error_delta": error_after - error_before,
+        "steps_run": step, "stop_reason": stop_reason, "stop_error": run.stop_error, "trigger_md": trigger_md,
+        "curve": log, "detection": detection, "scores": scores,
+        "timing": {"online_seconds": online_seconds, "trigger_seconds": trigger_seconds,
+                   **{f"{k}_seconds": v for k, v in timing.items()},
+                   "samples_per_second": step * cfg.batch_size / max(timing["defense"], 1e-9)},
+        "provenance": provenance(cfg.seed, run.device),
+    }
+    write_json(result_path, result)
+    return result
