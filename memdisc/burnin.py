@@ -52,6 +52,9 @@ class BurninConfig:
         for name in ("epochs", "batch_size", "snapshot_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1 or none, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
         if self.out is None:
@@ -115,6 +118,9 @@ def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["extra"]["history"]
+        if start_epoch > cfg.epochs:
+            raise ValueError(f"epochs: the run directory {out} already holds {start_epoch} epochs, more than the "
+                             f"{cfg.epochs} asked for; use a different --out or --epochs >= {start_epoch}")
         print(f"resuming {out} from epoch {start_epoch}")
     write_json(out / "config.json", {"command": "burnin", "config": to_dict(cfg), "provenance": provenance(cfg.seed, device)})
 

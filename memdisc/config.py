@@ -64,7 +64,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         default = f.default if f.default is not dataclasses.MISSING else None
         parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name,
                             type=_parse_bool if tp is bool else tp, default=None, metavar=tp.__name__.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+                            help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
 
 
 def _check_value(key: str, value: Any, annotation) -> Any:

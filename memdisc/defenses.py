@@ -221,12 +221,15 @@ class DSC(Defense):
 
     The stop is a device-side mask fed to the fused PGD step, so the loop has
     no host synchronisation; ``early_exit`` (default: on CPU only, where a
-    sync is free) leaves the loop once no row is active.
+    sync is free) leaves the loop once no row is active, and ``compact``
+    (default: per-sample mode on CPU) forwards only the rows still moving.
+    The CE is summed, not averaged, so a row's step does not depend on how
+    many rows are still active (the sign of the gradient is the same).
     """
 
     def __init__(self, snapshots: SnapshotSet, mode: str = "sample", schedule: ThresholdSchedule | None = None,
                  iters: int = 10, step_size: float = 0.02, eps: float = 0.2, reduce: str | int = "mean",
-                 temperature: float = 1.0, early_exit: str | bool = "auto",
+                 temperature: float = 1.0, early_exit: str | bool = "auto", compact: str | bool = "auto",
                  heldout: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0):
         if mode not in ("batch", "sample"):
             raise ValueError(f"dsc_mode: expected 'batch' or 'sample', got {mode!r}")
@@ -235,6 +238,7 @@ class DSC(Defense):
         self.snapshots, self.mode, self.reduce, self.temperature = snapshots, mode, reduce, temperature
         self.schedule = schedule or ThresholdSchedule()
         self.iters, self.step_size, self.eps, self.early_exit = iters, step_size, eps, early_exit
+        self.compact = compact
         self.heldout = heldout
         self.generator = torch.Generator().manual_seed(seed)
         if self.schedule.kind == "calibrated" and heldout is None:
@@ -262,27 +266,41 @@ class DSC(Defense):
         _check_batch(x, y)
         self.calibrate(model, step, x.shape[0])
         tau = self.schedule(step)
-        early_exit = (x.device.type == "cpu") if self.early_exit == "auto" else bool(self.early_exit)
+        on_cpu = x.device.type == "cpu"
+        early_exit = on_cpu if self.early_exit == "auto" else bool(self.early_exit)
+        compact = self.mode == "sample" and (on_cpu if self.compact == "auto" else bool(self.compact))
         was_training = model.training
         model.eval()
         B = x.shape[0]
         active = torch.ones(B, dtype=torch.bool, device=x.device)
+        rows = torch.arange(B, device=x.device)  # compact mode: the rows still moving
         iterations = torch.zeros(B, dtype=torch.long, device=x.device)
         x_adv = x.detach().clone()
         md_received = None
-        for it in range(self.iters):
-            x_adv.requires_grad_(True)
-            logits = model(x_adv)
+        for _ in range(self.iters):
+            xs = (x_adv[rows] if compact else x_adv).requires_grad_(True)
+            logits = model(xs)
             md = reduce_over_snapshots(
-                self.snapshots.discrepancy(logits.detach(), x_adv.detach(), self.temperature), self.reduce)
+                self.snapshots.discrepancy(logits.detach(), xs.detach(), self.temperature), self.reduce)
             if md_received is None:
                 md_received = md
+            if compact:  # forward/backward only the rows that still move (per-sample rule)
+                keep = md > tau
+                if not bool(keep.any()):
+                    break
+                (grad,) = torch.autograd.grad(F.cross_entropy(logits[keep], y[rows[keep]], reduction="sum"), xs)
+                rows = rows[keep]
+                moved = xs.detach()[keep]
+                pgd_step_(moved, grad[keep], x[rows], step=self.step_size, eps=self.eps, descent=True)
+                x_adv[rows] = moved
+                iterations[rows] += 1
+                continue
             over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
             active &= over
             if early_exit and not bool(active.any()):
                 break
-            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x_adv)
-            x_adv = x_adv.detach()
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs)
+            x_adv = xs.detach()
             pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, active=active, descent=True)
             iterations += active
         model.train(was_training)

@@ -121,8 +121,15 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
     for arg, value in (("in_channels", in_channels), ("num_classes", num_classes), ("image_size", image_size)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    if norm not in ("auto", "bn", "gn", "none"):
+        raise ValueError(f"norm: expected 'auto', 'bn', 'gn' or 'none', got {norm!r}")
+    for arg, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) != in_channels:
+            raise ValueError(f"{arg}: expected {in_channels} values (one per input channel), got {len(value)}")
+    if std is not None and min(std) <= 0:
+        raise ValueError(f"std: expected positive values, got {list(std)}")
     if name == "cnn" and image_size % 4:
         raise ValueError(f"image_size: the cnn model needs a multiple of 4, got {image_size}")
     cls, default_norm = MODELS[name]

@@ -119,7 +119,7 @@ class SnapshotSet:
 
 def reduce_over_snapshots(md: torch.Tensor, how: str | int = "mean") -> torch.Tensor:
     """Reduce ``[K, B]`` discrepancies to ``[B]``: "mean", "max", "min" or a slot index."""
-    if isinstance(how, int):
+    if isinstance(how, int) and not isinstance(how, bool):  # True would index as a new axis
         if not -md.shape[0] <= how < md.shape[0]:
             raise ValueError(f"reduce: snapshot index {how} out of range for K={md.shape[0]}")
         return md[how]

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
-$PY -m memdisc.cli burnin "$@"
+$PY -m memdisc.cli compare "$@"

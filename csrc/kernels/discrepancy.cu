@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kThreads)
       acc_t pa[V], qa[V];
 #pragma unroll
       for (int u = 0; u < V; ++u) {
-        pa[u] = to_acc(pp.v[u]) * inv_t;
-        qa[u] = to_acc(qq.v[u]) * inv_t;
+        pa[u] = scale(to_acc(pp.v[u]), inv_t);
+        qa[u] = scale(to_acc(qq.v[u]), inv_t);
       }
       if constexpr (V == 1) {
         st.merge(KLStats<acc_t>::of(pa[0], qa[0]));
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t log_pt[V], pt[V], ga[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      log_pt[v] = to_acc(av.v[v]) * inv_t - la;
+      log_pt[v] = scale(to_acc(av.v[v]), inv_t) - la;
       pt[v] = acc_exp(log_pt[v]);
       ga[v] = 0;
     }
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads)
       P gb;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const acc_t log_ph = to_acc(bv.v[v]) * inv_t - lb;
+        const acc_t log_ph = scale(to_acc(bv.v[v]), inv_t) - lb;
         const acc_t ph = acc_exp(log_ph);
         if (reverse) {
           ga[v] += g * pt[v] * (log_pt[v] - log_ph - d);

@@ -37,6 +37,12 @@ __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// z * (1/T) rounded on its own, never fused into the shift that follows (nvcc
+// contracts a * b - c into an fma by default): the PyTorch reference rounds z / T
+// before shifting, and the row's max element must shift to exactly 0.
+__device__ __forceinline__ float scale(float z, float inv_t) { return __fmul_rn(z, inv_t); }
+__device__ __forceinline__ double scale(double z, double inv_t) { return __dmul_rn(z, inv_t); }
+
 // V elements loaded or stored as one 16-byte (or smaller) transaction.
 template <typename scalar_t, int V>
 struct alignas(sizeof(scalar_t) * V) Pack {

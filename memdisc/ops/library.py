@@ -76,6 +76,8 @@ def _load_extension() -> None:
     """Import memdisc._C if it exists and matches this torch; otherwise warn once (or raise)."""
     if os.environ.get("MEMDISC_DISABLE_EXTENSION", "0") == "1":
         _STATE["error"] = "disabled by MEMDISC_DISABLE_EXTENSION=1"
+        warnings.warn(f"memdisc: compiled kernels unavailable ({_STATE['error']}); using the PyTorch reference "
+                      "kernels.", RuntimeWarning, stacklevel=3)
         return
     info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
     try:

@@ -1,0 +1,115 @@
+"""memdisc.models: shapes, normalisation layers and buffers, registry errors, input gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from memdisc.models import MODELS, build_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # resnet18 on two busy cores: one thread is faster
+NORM_LAYERS = {"bn": nn.BatchNorm2d, "gn": nn.GroupNorm}
+
+
+def _norm_types(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))}
+
+
+def _pixels(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# Every (channels, classes, size) combination for the cnn; for the (slow on CPU) resnet18 two shapes
+# that between them cover every value.
+SHAPES = [(c, k, s) for c in (1, 3) for k in (10, 100) for s in (28, 32)]
+CASES = [("cnn", *shape) for shape in SHAPES] + [("resnet18", 1, 10, 28), ("resnet18", 3, 100, 32)]
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
+@pytest.mark.parametrize("name, channels, classes, size", CASES)
+def test_output_shape_and_norm_layers(name, channels, classes, size, norm):
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=channels, num_classes=classes, image_size=size, norm=norm)
+    assert isinstance(model, MODELS[name][0])
+    assert _norm_types(model) == ({NORM_LAYERS[norm]} if norm in NORM_LAYERS else set())
+    x = _pixels(3, channels, size)
+    for train in (True, False):
+        out = model.train(train)(x)
+        assert out.shape == (3, classes) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name, default", [("cnn", set()), ("resnet18", {nn.BatchNorm2d})])
+def test_auto_norm_is_the_model_default(name, default):
+    assert _norm_types(build_model(name, 3, 10, 32)) == default
+
+
+def test_normalisation_buffers_in_state_dict_and_used():
+    mean, std = [0.2, 0.4, 0.6], [0.1, 0.2, 0.3]
+    torch.manual_seed(0)
+    model = build_model("cnn", 3, 10, 32, mean=mean, std=std).eval()
+    state = model.state_dict()
+    assert torch.equal(state["normalize.mean"], torch.tensor(mean).view(1, 3, 1, 1))
+    assert torch.equal(state["normalize.std"], torch.tensor(std).view(1, 3, 1, 1))
+    assert "normalize.mean" not in dict(model.named_parameters())  # buffers, not trained
+
+    x = _pixels(4, 3, 32)
+    expected = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(model.normalize(x), expected)
+    # A default-statistics copy differs until it loads the state dict, buffers included.
+    torch.manual_seed(1)
+    other = build_model("cnn", 3, 10, 32).eval()
+    assert torch.equal(other.normalize.mean, torch.full((1, 3, 1, 1), 0.5))
+    other.load_state_dict(state)
+    assert torch.equal(other(x), model(x))
+
+
+def test_default_statistics_map_unit_range_to_minus_one_one():
+    model = build_model("cnn", 1, 10, 28)
+    x = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
+    assert torch.equal(model.normalize(x), torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3))
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(name="vgg"), "model"),
+    (dict(in_channels=0), "in_channels"),
+    (dict(in_channels=True), "in_channels"),
+    (dict(num_classes=-1), "num_classes"),
+    (dict(num_classes=10.0), "num_classes"),
+    (dict(image_size="28"), "image_size"),
+    (dict(image_size=30), "image_size"),  # the cnn needs a multiple of 4
+    (dict(norm="batch"), "norm"),
+    (dict(mean=[0.5, 0.5]), "mean"),
+    (dict(std=[0.5, 0.5, 0.5]), "std"),
+    (dict(std=[0.0]), "std"),
+])
+def test_registry_errors_name_the_argument(kwargs, argument):
+    args = dict(name="cnn", in_channels=1, num_classes=10, image_size=28) | kwargs
+    with pytest.raises(ValueError, match=rf"^{argument}: "):
+        build_model(**args)
+
+
+@pytest.mark.parametrize("name, norm", [("cnn", "none"), ("cnn", "bn"), ("cnn", "gn"), ("resnet18", "bn")])
+def test_gradient_flows_to_the_input(name, norm):
+    """Attacks need d loss / d x: it must exist, be finite and nonzero for every sample, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10, 28, norm=norm).eval()
+    x = _pixels(3, 1, 28).requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 3, 9]))
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+    assert (grad.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("norm", ["none", "bn", "gn"])
+def test_input_gradient_matches_finite_difference(norm):
+    """The directional derivative along g = d loss / d x, by central differences in float64, equals |g|."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 10, 28, norm=norm).eval().double()
+    x, y = _pixels(3, 1, 28).double().requires_grad_(True), torch.tensor([0, 3, 9])
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), x)
+    direction, h = grad / grad.norm(), 1e-5
+    with torch.no_grad():
+        slope = (nn.functional.cross_entropy(model(x + h * direction), y)
+                 - nn.functional.cross_entropy(model(x - h * direction), y)) / (2 * h)
+    assert slope.item() == pytest.approx(grad.norm().item(), rel=1e-4)

@@ -1,0 +1,386 @@
+"""Tests of the memdisc custom operators against the float64 PyTorch reference.
+
+The oracle is memdisc.ops.reference run in float64.  Every fast path (the
+compiled CPU/CUDA kernel behind torch.ops.memdisc.*, torch.compile) is compared
+with it on fresh random inputs.  With MEMDISC_REQUIRE_EXTENSION=1 (CI) a
+missing build fails the import instead of falling back silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memdisc.ops as ops
+from memdisc.ops.reference import discrepancy_reference, pgd_step_reference
+
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=[pytest.mark.cuda,
+                                       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])]
+HALF = (torch.float16, torch.bfloat16)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _logits(shape, device, dtype=torch.float32, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _oracle(current, snapshots, temperature=1.0, reverse=False, grad=None):
+    """float64 reference values (and gradients when grad [K, B] is given)."""
+    a = current.detach().double().requires_grad_(grad is not None)
+    b = snapshots.detach().double().requires_grad_(grad is not None)
+    kl = discrepancy_reference(a, b, temperature, reverse)[0]
+    if grad is None:
+        return kl.detach(), None, None
+    (kl * grad.double()).sum().backward()
+    return kl.detach(), a.grad, b.grad
+
+
+def _run_op(current, snapshots, temperature=1.0, reverse=False, grad=None):
+    a = current.detach().clone().requires_grad_(grad is not None)
+    b = snapshots.detach().clone().requires_grad_(grad is not None)
+    kl = ops.discrepancy(a, b, temperature, reverse)
+    if grad is None:
+        return kl.detach(), None, None
+    (kl * grad).sum().backward()
+    return kl.detach(), a.grad, b.grad
+
+
+def test_extension_required_when_asked():
+    if os.environ.get("MEMDISC_REQUIRE_EXTENSION", "0") != "1":
+        pytest.skip("MEMDISC_REQUIRE_EXTENSION is not set")
+    assert ops.extension_loaded(), ops.extension_error()
+
+
+# ----------------------------------------------------------------------------- discrepancy parity
+
+SHAPES = ([(K, B, C) for K in (1, 3) for B in (0, 1, 100) for C in (1, 2, 10, 1000, 1001)]
+          + [(16, 100, 10), (16, 4097, 2), (3, 4097, 10), (16, 1, 1001), (3, 41, 1271)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K,B,C", SHAPES)
+def test_discrepancy_float32_matches_float64_reference(device, K, B, C):
+    current, snapshots = _logits((B, C), device, seed=K * 7 + C), _logits((K, B, C), device, seed=B + C)
+    grad = torch.rand(K, B, device=device) + 0.5  # not ones
+    for reverse in (False, True):
+        want, want_ga, want_gb = _oracle(current, snapshots, 1.0, reverse, grad)
+        got, got_ga, got_gb = _run_op(current, snapshots, 1.0, reverse, grad)
+        assert got.dtype == torch.float32 and got.shape == (K, B)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(got_ga.double(), want_ga, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_gb.double(), want_gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_discrepancy_temperature_float64_exact(device, reverse):
+    current, snapshots = _logits((37, 23), device, torch.float64), _logits((4, 37, 23), device, torch.float64, seed=1)
+    grad = torch.rand(4, 37, dtype=torch.float64, device=device)
+    want = _oracle(current, snapshots, 0.37, reverse, grad)
+    got = _run_op(current, snapshots, 0.37, reverse, grad)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def _err(x, ref):
+    return (x.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("K,B,C", [(3, 41, 1271), (16, 100, 10)])
+def test_discrepancy_half_within_twice_eager_error(device, dtype, K, B, C):
+    """flash-attention's rule: kernel error vs float64 <= 2x eager error in the same dtype (+ tiny floor)."""
+    current, snapshots = _logits((B, C), device, dtype, seed=3), _logits((K, B, C), device, dtype, seed=4)
+    grad = (torch.rand(K, B, device=device) + 0.5).to(dtype)
+    for reverse in (False, True):
+        ref = _oracle(current, snapshots, 1.3, reverse, grad.float())
+        a, b = current.clone().requires_grad_(), snapshots.clone().requires_grad_()
+        kl = discrepancy_reference(a, b, 1.3, reverse)[0]
+        (kl * grad.float()).sum().backward()
+        eager = (kl.detach(), a.grad, b.grad)
+        got = _run_op(current, snapshots, 1.3, reverse, grad.float())
+        assert got[1].dtype == dtype and got[2].dtype == dtype
+        for g, e, r in zip(got, eager, ref):
+            assert _err(g, r) <= 2 * _err(e, r) + 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_discrepancy_non_contiguous_inputs(device):
+    base_a, base_b = _logits((123, 40), device), _logits((5, 123, 40), device, seed=2)
+    current, snapshots = base_a[::3, ::2], base_b[::2, ::3, ::2]
+    assert not current.is_contiguous() and not snapshots.is_contiguous()
+    grad = torch.rand(3, 41, device=device).t().contiguous().t()  # a non-contiguous upstream gradient
+    want = _oracle(current, snapshots, 2.0, False, grad)
+    got = _run_op(current, snapshots, 2.0, False, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_discrepancy_outputs_are_fully_written(device):
+    """Kernels allocate with torch.empty: NaN-filled memory handed back by the caching allocator must not leak."""
+    for _ in range(2):
+        torch.full((1 << 16,), float("nan"), device=device)  # recycled by the next allocations
+        current, snapshots = _logits((100, 1001), device), _logits((3, 100, 1001), device, seed=5)
+        kl = ops.discrepancy(current, snapshots)
+        assert torch.isfinite(kl).all()
+        torch.testing.assert_close(kl.double(), _oracle(current, snapshots)[0], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_discrepancy_extreme_logits(device, dtype):
+    g = torch.Generator().manual_seed(9)
+    current = (torch.randint(-1, 2, (64, 10), generator=g) * 1e4).to(device=device, dtype=dtype)
+    snapshots = (torch.randint(-1, 2, (3, 64, 10), generator=g) * 1e4).to(device=device, dtype=dtype)
+    a, b = current.clone().requires_grad_(), snapshots.clone().requires_grad_()
+    for reverse in (False, True):
+        kl = ops.discrepancy(a, b, reverse=reverse)
+        kl.sum().backward()
+        assert torch.isfinite(kl).all() and (kl >= -1e-3).all()
+        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+        torch.testing.assert_close(kl.double(), _oracle(current, snapshots, reverse=reverse)[0], rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("C", [1, 10, 1001])
+def test_discrepancy_of_identical_distributions_is_zero(device, C):
+    current = _logits((50, C), device, scale=10.0)
+    kl = ops.discrepancy(current, current.expand(4, 50, C))
+    assert kl.abs().max().item() <= 1e-5
+    kl_rev = ops.discrepancy(current, current.unsqueeze(0), reverse=True)
+    assert kl_rev.abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- PGD step
+
+def _pgd_inputs(device, dtype=torch.float32, shape=(37, 3, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=g).to(device=device, dtype=dtype)
+    x = (x0 + 0.3 * torch.randn(shape, generator=g).to(device=device, dtype=dtype)).clamp(0, 1)
+    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    grad[::3] = 0  # exact zeros: sign(0) = 0
+    return x, grad, x0
+
+
+def _both(x, grad, x0, **kw):
+    want, got = x.clone(), x.clone()
+    kw = {"step": 0.02, "eps": 0.2, "lo": 0.0, "hi": 1.0, "active": None, "descent": True} | kw
+    pgd_step_reference(want, grad, x0, kw["active"], kw["step"], kw["eps"], kw["lo"], kw["hi"], kw["descent"])
+    out = ops.pgd_step_(got, grad, x0, **kw)
+    assert out is got
+    return got, want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["descent", "ascent", "eps0", "zero_grad", "all_active", "none_active", "some_active",
+                                  "outside_ball", "box", "odd_shape"])
+def test_pgd_step_bit_equal_float32(device, case):
+    shape = (41, 1271) if case == "odd_shape" else (37, 3, 8, 8)
+    x, grad, x0 = _pgd_inputs(device, shape=shape)
+    kw = {}
+    if case == "ascent":
+        kw["descent"] = False
+    elif case == "eps0":
+        kw["eps"] = 0.0
+    elif case == "zero_grad":
+        grad = torch.zeros_like(grad)
+    elif case == "all_active":
+        kw["active"] = torch.ones(x.shape[0], dtype=torch.bool, device=device)
+    elif case == "none_active":
+        kw["active"] = torch.zeros(x.shape[0], dtype=torch.bool, device=device)
+    elif case == "some_active":
+        kw["active"] = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1)).to(device) < 0.5
+    elif case == "outside_ball":
+        x = (x0 + 0.7).clamp(max=2.0)  # starts outside the eps-ball and the box
+    elif case == "box":
+        kw.update(lo=-0.25, hi=0.75, step=0.1)
+    got, want = _both(x, grad, x0, **kw)
+    assert torch.equal(got, want)
+    if case == "none_active":
+        assert torch.equal(got, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pgd_step_non_contiguous(device):
+    x, grad, x0 = _pgd_inputs(device, shape=(60, 3, 10, 10))
+    xs, gs, x0s = x[::3, :, ::2], grad[::3, :, ::2], x0[::3, :, ::2]
+    base = x.clone()
+    got, want = base[::3, :, ::2], xs.clone()
+    pgd_step_reference(want, gs, x0s, None, 0.05, 0.1, 0.0, 1.0, True)
+    ops.pgd_step_(got, gs, x0s, step=0.05, eps=0.1)
+    assert torch.equal(got, want)
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    untouched[::3, :, ::2] = False
+    assert torch.equal(base[untouched], x[untouched])  # only the view was written
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF + (torch.float64,))
+def test_pgd_step_other_dtypes(device, dtype):
+    x, grad, x0 = _pgd_inputs(device, dtype=dtype)
+    active = torch.arange(x.shape[0], device=device) % 2 == 0
+    got, want = _both(x, grad, x0, active=active, descent=False)
+    if dtype == torch.float64:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=2 * torch.finfo(dtype).eps)
+    assert torch.equal(got[~active], x[~active])
+
+
+# ----------------------------------------------------------------------------- autograd / opcheck / compile
+
+def test_gradcheck_float64_both_inputs():
+    for reverse in (False, True):
+        a = _logits((5, 7), "cpu", torch.float64).requires_grad_()
+        b = _logits((3, 5, 7), "cpu", torch.float64, seed=1).requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b: ops.discrepancy(a, b, 0.8, reverse), (a, b))
+
+
+def test_opcheck_every_op_cpu():
+    a, b = _logits((6, 9), "cpu"), _logits((2, 6, 9), "cpu", seed=1)
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.memdisc.discrepancy.default, (ar, br, 0.7, False))
+    torch.library.opcheck(torch.ops.memdisc.discrepancy.default, (ar, br, 1.0, True))
+    kl, lse_a, lse_b = torch.ops.memdisc.discrepancy.default(a, b, 0.7, False)
+    torch.library.opcheck(torch.ops.memdisc.discrepancy_backward.default,
+                          (torch.rand(2, 6), a, b, lse_a, lse_b, kl, 0.7, False))
+    x, grad, x0 = _pgd_inputs("cpu", shape=(6, 5))
+    torch.library.opcheck(torch.ops.memdisc.pgd_step_.default, (x, grad, x0, None, 0.02, 0.2, 0.0, 1.0, True))
+    torch.library.opcheck(torch.ops.memdisc.pgd_step_.default,
+                          (x, grad, x0, torch.tensor([True, False] * 3), 0.02, 0.2, 0.0, 1.0, False))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    def dsc_step(x, grad, x0, current, snapshots, active):
+        kl = ops.discrepancy(current, snapshots, 1.5)
+        ops.pgd_step_(x, grad, x0, step=0.02, eps=0.2, active=active)
+        return kl.mean(0), x
+
+    x, grad, x0 = _pgd_inputs("cpu", shape=(8, 3, 4, 4))
+    current, snapshots = _logits((8, 10), "cpu"), _logits((2, 8, 10), "cpu", seed=1)
+    active = torch.arange(8) % 3 != 0
+    x_eager, x_comp = x.clone(), x.clone()
+    want = dsc_step(x_eager, grad, x0, current, snapshots, active)
+    got = torch.compile(dsc_step, fullgraph=True)(x_comp, grad, x0, current, snapshots, active)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert torch.equal(got[1], want[1]) and torch.equal(x_comp, x_eager)
+
+
+# ----------------------------------------------------------------------------- argument validation
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.zeros(3), torch.zeros(1, 3, 2)), "current"),
+    ((torch.zeros(3, 2), torch.zeros(3, 2)), "snapshots"),
+    ((torch.zeros(3, 2), torch.zeros(1, 4, 2)), "snapshots"),
+    ((torch.zeros(3, 2), torch.zeros(1, 3, 2, dtype=torch.float64)), "dtype"),
+    ((torch.zeros(3, 2, dtype=torch.int64), torch.zeros(1, 3, 2, dtype=torch.int64)), "dtype"),
+    ((torch.zeros(3, 0), torch.zeros(1, 3, 0)), "C must be >= 1"),
+    ((torch.zeros(3, 2), torch.zeros(1, 3, 2), 0.0), "temperature"),
+    ((torch.zeros(3, 2), torch.zeros(1, 3, 2), -1.0), "temperature"),
+])
+def test_discrepancy_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.discrepancy(*args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"grad": torch.zeros(4, 2)}, "grad/x0"),
+    ({"x0": torch.zeros(4, 3, dtype=torch.float64)}, "dtype"),
+    ({"x": torch.zeros(4, 3, dtype=torch.int32)}, "x"),
+    ({"eps": -0.1}, "eps"),
+    ({"lo": 1.0, "hi": 0.0}, "lo/hi"),
+    ({"active": torch.ones(4)}, "active"),
+    ({"active": torch.ones(3, dtype=torch.bool)}, "active"),
+])
+def test_pgd_step_bad_arguments(kw, match):
+    args = {"x": torch.zeros(4, 3), "grad": torch.zeros(4, 3), "x0": torch.zeros(4, 3), "step": 0.1, "eps": 0.2} | kw
+    with pytest.raises(ValueError, match=match):
+        ops.pgd_step_(args.pop("x"), args.pop("grad"), args.pop("x0"), **args)
+
+
+# ----------------------------------------------------------------------------- loader fallback and ISA variants
+
+def _python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "MEMDISC_REQUIRE_EXTENSION"} | env
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, cwd=REPO, timeout=120)
+
+
+_FALLBACK_CHECK = """
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import memdisc.ops as ops
+        import memdisc.ops.library  # a second import must not warn again
+    import torch
+    from memdisc.ops.reference import discrepancy_reference
+    assert not ops.extension_loaded(), "the extension should not have loaded"
+    msgs = [str(w.message) for w in caught if "compiled kernels unavailable" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    a, b = torch.randn(7, 5), torch.randn(2, 7, 5)
+    assert torch.allclose(ops.discrepancy(a, b), discrepancy_reference(a, b)[0])
+    from memdisc.ops.reference import pgd_step_reference
+    x = torch.rand(3, 4); x0 = x.clone(); g = torch.randn(3, 4); want = x.clone()
+    ops.pgd_step_(x, g, x0, step=0.1, eps=0.05)
+    pgd_step_reference(want, g, x0, None, 0.1, 0.05, 0.0, 1.0, True)
+    assert torch.equal(x, want)
+    print("MSG", msgs[0])
+"""
+
+
+def test_fallback_when_extension_disabled():
+    r = _python(_FALLBACK_CHECK, MEMDISC_DISABLE_EXTENSION="1")
+    assert r.returncode == 0, r.stderr
+    assert "MEMDISC_DISABLE_EXTENSION" in r.stdout
+
+
+def test_fallback_when_build_info_names_another_torch(tmp_path):
+    """A copy of the package whose _build_info.json claims another torch must fall back with a warning."""
+    import shutil
+    pkg = tmp_path / "memdisc"
+    shutil.copytree(os.path.join(REPO, "memdisc"), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "_build_info.json").write_text(json.dumps({"torch": "0.0.1-other", "cuda": None}))
+    r = _python("import sys; sys.path.insert(0, %r)\n" % str(tmp_path) + textwrap.dedent(_FALLBACK_CHECK)
+                + "\nimport memdisc; assert memdisc.__file__.startswith(%r)" % str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "0.0.1-other" in r.stdout
+
+
+def test_cpu_isa_variants_agree():
+    """Every instruction-set variant of the CPU kernels (capped by MEMDISC_CPU_ISA) gives the same results."""
+    if not ops.extension_loaded():
+        pytest.skip("needs the compiled extension")
+    code = """
+        import torch, memdisc.ops as ops
+        torch.manual_seed(0)
+        a, b = torch.randn(45, 37) * 4, torch.randn(3, 45, 37) * 4
+        ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+        kl = ops.discrepancy(ar, br, 0.9, False) + ops.discrepancy(ar, br, 0.9, True)
+        kl.sum().backward()
+        x = torch.rand(45, 37); ops.pgd_step_(x, a, x.clone() * 0.9, step=0.05, eps=0.03)
+        torch.save({"isa": torch.ops.memdisc.cpu_isa(), "kl": kl.detach(), "ga": ar.grad, "gb": br.grad, "x": x},
+                   %r)
+    """
+    results = []
+    for isa in ("default", "avx2", "best"):  # "best": whatever this CPU supports (AVX-512 here)
+        path = os.path.join(REPO, ".pytest_cache", f"isa_{isa}_{os.getpid()}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        r = _python(code % path, MEMDISC_CPU_ISA=isa)
+        assert r.returncode == 0, r.stderr
+        results.append(torch.load(path))
+        os.remove(path)
+    assert results[0]["isa"] == "default"
+    for res in results[1:]:
+        for key in ("kl", "ga", "gb"):
+            torch.testing.assert_close(res[key], results[0][key], rtol=1e-5, atol=1e-6)
+        assert torch.equal(res["x"], results[0]["x"])
