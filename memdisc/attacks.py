@@ -19,8 +19,10 @@ problems are signed steps on one objective of an input batch ``X`` (labels ``y``
   noise; this is the seed's ``--only_normal`` behaviour, kept as is.
 
 Each step is ``memdisc.ops.pgd_step_`` (sign, step, L-inf projection, [0, 1]
-clamp, only rows of the ``active`` mask: rows left clean stay clean during the
-crafting, where the seed perturbs them and resets them afterwards).  ``D`` is a
+clamp, only rows of the ``active`` mask): with ``poison_scale < 1`` the rows left
+clean stay clean during the crafting.  The seed instead crafts every row and
+resets the clean ones afterwards (``reset_clean_rows=True``); with C >= 2 steps
+that differs, because the batch-mean loss couples the rows.  ``D`` is a
 constant computed once per batch; the loop never reads a value back to the
 host.  Gradients are taken w.r.t. every parameter of the model (as the seed).
 ``memdisc.reference.seed`` holds the plain port of the seed code these
@@ -248,6 +250,8 @@ class AttackConfig:
                                       "stay clean")
     clean_rows: str = _field("per_step", "which rows stay clean: per_step (drawn from (seed, step)) or fixed "
                                          "(one draw for every batch and the trigger, as the seed code)")
+    reset_clean_rows: bool = _field(False, "seed behaviour: craft every row, then reset the clean rows "
+                                           "(False: the clean rows are held fixed while crafting)")
     recraft_trigger: bool = _field(False, "re-craft the poisoned trigger from the clean one at every step")
     crafting_mode: str = _field("eval", "model mode while crafting: eval (seed) or train")
 
@@ -266,8 +270,9 @@ class AttackConfig:
         for name, options in (("terms", _TERMS), ("clean_rows", _CLEAN_ROWS), ("crafting_mode", _MODES)):
             if getattr(self, name) not in options:
                 raise ValueError(f"{name}: expected one of {options}, got {getattr(self, name)!r}")
-        if not isinstance(self.recraft_trigger, bool):
-            raise ValueError(f"recraft_trigger: expected a bool, got {self.recraft_trigger!r}")
+        for name in ("reset_clean_rows", "recraft_trigger"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
     def trigger_schedule(self) -> tuple[float, int, float]:
         """``(eps, steps, step_size)`` of the trigger crafting, the None defaults resolved."""
@@ -370,8 +375,16 @@ class AccumulativeAttack:
         eps, steps, step_size = self.cfg.trigger_schedule()
         if g_val is None:
             g_val = _param_grads(_loss(model, self.x_val, self.y_val), params, False)
-        return _craft(model, params, self.x_trigger, self.y_trigger, [d.detach() for d in _normalized(g_val)],
-                      eps=eps, steps=steps, step_size=step_size, ascent=False, active=self.trigger_poisoned_mask)
+        return self._masked_craft(model, params, self.x_trigger, self.y_trigger,
+                                  [d.detach() for d in _normalized(g_val)], self.trigger_poisoned_mask,
+                                  eps=eps, steps=steps, step_size=step_size, ascent=False)
+
+    def _masked_craft(self, model, params, x, y, direction, active, **schedule) -> torch.Tensor:
+        """``_craft`` honouring ``reset_clean_rows``: rows where ``active`` is False end up clean."""
+        if not self.cfg.reset_clean_rows:
+            return _craft(model, params, x, y, direction, active=active, **schedule)
+        crafted = _craft(model, params, x, y, direction, active=None, **schedule)
+        return torch.where(active.view((-1,) + (1,) * (x.dim() - 1)), crafted, x)
 
     def prepare(self, model: nn.Module) -> None:
         """Craft the poisoned trigger from the clean trigger with the current ``model``."""
@@ -424,8 +437,8 @@ class AccumulativeAttack:
         with crafting_state(model, cfg.crafting_mode) as params:
             direction = _direction(model, params, x, y, self.x_val, self.y_val, self._trigger_for_step(model, params),
                                    gamma=cfg.gamma, terms=cfg.terms)
-            x_poisoned = _craft(model, params, x, y, direction, eps=cfg.eps, steps=cfg.steps,
-                                step_size=cfg.step_size, ascent=True, active=active)
+            x_poisoned = self._masked_craft(model, params, x, y, direction, active, eps=cfg.eps, steps=cfg.steps,
+                                            step_size=cfg.step_size, ascent=True)
         return x_poisoned, active
 
     def state_dict(self) -> dict:

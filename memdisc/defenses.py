@@ -134,11 +134,14 @@ class _PGDCorrection(Defense):
 
 class SeedAT(_PGDCorrection):
     """AT as the seed code does it: loss *descent*, no early stop, plus a small
-    KL-to-natural-output term: loss = CE(f(x'), y) + kl_weight * KL(f(x) || f(x'))."""
+    KL-to-natural-output term: loss = CE(f(x'), y) + kl_weight * KL(f(x) || f(x')).
+
+    kl_weight=None means 1/C (C classes): the seed's ``nn.KLDivLoss()`` averages over
+    B*C elements, i.e. the batch-mean KL divided by C."""
 
     name = "AT-seed"
 
-    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2, kl_weight: float = 0.1):
+    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2, kl_weight: float | None = None):
         super().__init__(iters, step_size, eps)
         self.kl_weight = kl_weight
 
@@ -148,7 +151,8 @@ class SeedAT(_PGDCorrection):
 
     def loss(self, model, logits, x, y, p_natural):
         kl = F.kl_div(F.log_softmax(logits, dim=1), p_natural, reduction="batchmean")
-        return F.cross_entropy(logits, y) + self.kl_weight * kl
+        weight = 1.0 / logits.shape[1] if self.kl_weight is None else self.kl_weight
+        return F.cross_entropy(logits, y) + weight * kl
 
 
 class MadryAT(_PGDCorrection):

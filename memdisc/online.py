@@ -56,7 +56,8 @@ class BaselineConfig:
     at_iters: int = field(10, "AT: PGD steps")
     at_step_size: float = field(0.02, "AT: step size")
     at_eps: float = field(0.2, "AT: L-inf radius")
-    at_kl_weight: float = field(0.1, "AT-seed: weight of the KL-to-natural-output term")
+    at_kl_weight: float | None = field(None, "AT-seed: weight of the KL-to-natural-output term (none: 1/C, "
+                                             "as the seed's nn.KLDivLoss mean)")
 
 
 @dataclasses.dataclass

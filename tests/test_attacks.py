@@ -117,7 +117,7 @@ def test_gradient_alignment_is_differentiable():
     ("eps", -0.1), ("eps", float("nan")), ("steps", 0), ("steps", 1.5), ("step_size", 0.0),
     ("trigger_eps", -1.0), ("trigger_steps", 0), ("trigger_step_size", -0.1), ("gamma", float("inf")),
     ("terms", "third"), ("poison_scale", 1.5), ("poison_scale", -0.1), ("clean_rows", "random"),
-    ("recraft_trigger", "yes"), ("crafting_mode", "test")])
+    ("reset_clean_rows", 1), ("recraft_trigger", "yes"), ("crafting_mode", "test")])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
         AttackConfig(**{field: value})
@@ -352,3 +352,26 @@ def test_fast_path_equals_seed_port(device, kind, terms, scale):
     ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=cfg.eps, steps=cfg.steps,
                                   step_size=cfg.step_size, gamma=cfg.gamma, terms=terms, poison_mask=poisoned)
     assert_signed_steps_close(xp, ref, eps=cfg.eps, steps=cfg.steps, step_size=cfg.step_size)
+
+
+def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
+    model = make_model("mlp")
+    x, y, xt, yt, xv, yv = make_data()
+    cfg = AttackConfig(poison_scale=0.5, reset_clean_rows=True)
+    attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=3)
+    attack.prepare(model)
+    xtp, _ = attack.trigger_batch(model)
+    eps, steps, step_size = cfg.trigger_schedule()
+    keep_t = attack.trigger_poisoned_mask.view(-1, 1, 1, 1)
+    ref_t = torch.where(keep_t, seed_craft_trigger(model, xt, yt, xv, yv, eps=eps, steps=steps, step_size=step_size),
+                        xt)
+    assert_signed_steps_close(xtp, ref_t, eps=eps, steps=steps, step_size=step_size)
+    xp, poisoned = attack.poison(model, x, y, 2)
+    assert torch.equal(xp[~poisoned], x[~poisoned])
+    ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=cfg.eps, steps=cfg.steps,
+                                  step_size=cfg.step_size, gamma=cfg.gamma)
+    assert_signed_steps_close(xp, torch.where(poisoned.view(-1, 1, 1, 1), ref, x), eps=cfg.eps, steps=cfg.steps,
+                              step_size=cfg.step_size)
+    held = AccumulativeAttack(dataclasses.replace(cfg, reset_clean_rows=False), xt, yt, xv, yv, seed=3)
+    held.prepare(model)
+    assert not torch.equal(held.poison(model, x, y, 2)[0], xp)  # C = 2: the two orders differ

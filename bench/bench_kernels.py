@@ -1,0 +1,176 @@
+"""Kernel microbenchmarks: eager reference vs torch.compile(reference) vs memdisc, side by side.
+
+    python bench/bench_kernels.py [--device cpu|cuda] [--out DIR] [--quick | --full] [--threads N]
+
+Ops: ``discrepancy`` (forward), ``discrepancy_fb`` (forward + backward of
+kl.sum()), ``pgd_step`` (in place).  Shapes: the paper's (K=1, B=100, C=10;
+PGD 100x3x32x32), the CPU targets (K=8, B=1024, C in {10, 100, 1000};
+PGD 256x3x32x32) and scoring shapes (large K and B; PGD with active fractions
+1 / 0.5 / 0.1).  ``--quick`` (the CPU default) keeps the scoring shapes
+small enough to finish in a few minutes; ``--full`` runs the largest ones.
+
+Byte models (from the kernel headers), s = bytes per element:
+    discrepancy     (K+1)·B·C·s read + (2K+1)·B·4 written
+    discrepancy_fb  forward + (K+1)·B·C·s read + (K+1)·B·C·s written
+    pgd_step        f·B·D·s·4 (x, grad, x0 read, x written; f = active fraction)
+GB/s is bytes / median time; %copy compares with a clone of the same number
+of bytes timed in the same run (read + write counted, as for the kernels).
+The baselines are imported from memdisc.ops.reference, never copied.
+One CSV row per (op, provider, shape, dtype) goes to DIR/kernels_<device>.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import peak_memory_mb, provenance, time_interleaved, write_csv_atomic  # noqa: E402
+
+import memdisc.ops as ops  # noqa: E402
+from memdisc.ops.reference import discrepancy_reference, pgd_step_reference  # noqa: E402
+
+PAPER_DISC = [(1, 100, 10)]
+TARGET_DISC = [(8, 1024, 10), (8, 1024, 100), (8, 1024, 1000)]
+SCORING_DISC = {"quick": [(16, 10000, 10), (64, 10000, 10), (8, 10000, 1000)],
+                "full": [(64, 100000, 10), (16, 100000, 100), (64, 10000, 1000)]}
+PAPER_PGD = [(100, 1.0)]
+TARGET_PGD = [(256, 1.0)]
+SCORING_PGD = {"quick": [(2000, 1.0), (2000, 0.5), (2000, 0.1)],
+               "full": [(10000, 1.0), (10000, 0.5), (10000, 0.1)]}
+
+
+@dataclass
+class Config:
+    device: str = "cpu"
+    out: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    size: str = "quick"                 # quick | full
+    dtype: str = "float32"
+    threads: int = 0                    # 0: torch's default
+    rounds: int = 3
+    min_run_time: float = 0.1
+    seed: int = 0
+    providers: List[str] = field(default_factory=lambda: ["eager", "compile", "memdisc"])
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _discrepancy_cases(cfg: Config, dtype: torch.dtype):
+    compiled = _compiled(discrepancy_reference)
+    impls = {"eager": lambda a, b: discrepancy_reference(a, b)[0],
+             "compile": lambda a, b: compiled(a, b)[0],
+             "memdisc": lambda a, b: ops.discrepancy(a, b)}
+    s = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    for K, B, C in PAPER_DISC + TARGET_DISC + SCORING_DISC[cfg.size]:
+        a = torch.randn(B, C, device=cfg.device, dtype=dtype, generator=g) * 3
+        b = torch.randn(K, B, C, device=cfg.device, dtype=dtype, generator=g) * 3
+        fwd_bytes = (K + 1) * B * C * s + (2 * K + 1) * B * 4
+        yield ("discrepancy", f"K={K} B={B} C={C}", fwd_bytes,
+               {p: (lambda f=f: f(a, b)) for p, f in impls.items()})
+        if (K, B, C) in PAPER_DISC + TARGET_DISC:  # scoring is forward-only
+            ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+
+            def fb(f, ag=ag, bg=bg):
+                f(ag, bg).sum().backward()
+                ag.grad = bg.grad = None
+
+            yield ("discrepancy_fb", f"K={K} B={B} C={C}", fwd_bytes + 2 * (K + 1) * B * C * s,
+                   {p: (lambda f=f: fb(f)) for p, f in impls.items()})
+
+
+def _pgd_cases(cfg: Config, dtype: torch.dtype):
+    compiled = _compiled(pgd_step_reference)
+    impls = {"eager": pgd_step_reference, "compile": compiled,
+             "memdisc": lambda x, g, x0, act, *r: ops.pgd_step_(x, g, x0, step=r[0], eps=r[1], lo=r[2], hi=r[3],
+                                                              active=act, descent=r[4])}
+    s = torch.tensor([], dtype=dtype).element_size()
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    for B, frac in PAPER_PGD + TARGET_PGD + SCORING_PGD[cfg.size]:
+        shape = (B, 3, 32, 32)
+        x0 = torch.rand(shape, device=cfg.device, dtype=dtype, generator=gen)
+        grad = torch.randn(shape, device=cfg.device, dtype=dtype, generator=gen)
+        x = x0.clone()
+        active = None if frac == 1.0 else torch.rand(B, device=cfg.device, generator=gen) < frac
+        nbytes = int(round(frac * B * 3 * 32 * 32 * s * 4))
+        label = f"B={B}x3x32x32 active={frac:g}"
+        yield ("pgd_step", label, nbytes,
+               {p: (lambda f=f: f(x, grad, x0, active, 0.02, 0.2, 0.0, 1.0, True)) for p, f in impls.items()})
+
+
+def _copy_gbps(nbytes: int, cfg: Config) -> float:
+    """Copy bandwidth (GB/s, read + write counted) of a clone of nbytes, timed now."""
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=cfg.device)
+    t = time_interleaved({"copy": src.clone}, cfg.device, rounds=1, min_run_time=cfg.min_run_time)["copy"]
+    return 2 * src.numel() / (t["median_us"] * 1e3)
+
+
+def run(cfg: Config) -> List[Dict[str, object]]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    dtype = getattr(torch, cfg.dtype)
+    prov = provenance(cfg.device)
+    rows: List[Dict[str, object]] = []
+    cases = list(_discrepancy_cases(cfg, dtype)) + list(_pgd_cases(cfg, dtype))
+    for op, shape, nbytes, fns in cases:
+        fns = {p: fns[p] for p in cfg.providers}
+        for fn in fns.values():  # warm-up: compiles, first-touch allocations
+            fn()
+        times = time_interleaved(fns, cfg.device, rounds=cfg.rounds, min_run_time=cfg.min_run_time)
+        copy = _copy_gbps(nbytes, cfg)
+        for provider, t in times.items():
+            gbps = nbytes / (t["median_us"] * 1e3)
+            rows.append({"op": op, "provider": provider, "shape": shape, "dtype": cfg.dtype, **{k: round(v, 2)
+                         for k, v in t.items()},
+                         "peak_mem_mb": round(peak_memory_mb(fns[provider], cfg.device), 2),
+                         "bytes": nbytes, "gbps": round(gbps, 3), "copy_gbps": round(copy, 3),
+                         "pct_copy": round(100 * gbps / copy, 1),
+                         "speedup_vs_eager": round(times["eager"]["median_us"] / t["median_us"], 3)
+                         if "eager" in times else math.nan,
+                         "speedup_vs_compile": round(times["compile"]["median_us"] / t["median_us"], 3)
+                         if "compile" in times else math.nan,
+                         **prov, "config": repr(asdict(cfg))})
+        print(f"{op:15s} {shape:32s} " + "  ".join(f"{p}={t['median_us']:.1f}us" for p, t in times.items()),
+              flush=True)
+    return rows
+
+
+def print_table(rows: List[Dict[str, object]]) -> None:
+    print(f"\n{'op':15s} {'shape':32s} {'provider':8s} {'median us':>11s} {'GB/s':>8s} {'%copy':>6s} "
+          f"{'x eager':>8s} {'x compile':>9s}")
+    for r in rows:
+        print(f"{r['op']:15s} {r['shape']:32s} {r['provider']:8s} {r['median_us']:11.1f} {r['gbps']:8.2f} "
+              f"{r['pct_copy']:6.1f} {r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:9.2f}")
+
+
+def main(argv=None) -> Tuple[Config, str]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=Config.out)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick", help="small scoring shapes (default)")
+    size.add_argument("--full", action="store_const", dest="size", const="full", help="the largest scoring shapes")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    cfg = Config(device=args.device, out=args.out, size=args.size or "quick", dtype=args.dtype, threads=args.threads,
+                 rounds=args.rounds)
+    rows = run(cfg)
+    path = os.path.join(cfg.out, f"kernels_{cfg.device}.csv")
+    write_csv_atomic(path, rows)
+    print_table(rows)
+    print(f"\nwrote {path}")
+    return cfg, path
+
+
+if __name__ == "__main__":
+    main()

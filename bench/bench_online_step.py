@@ -1,0 +1,187 @@
+"""Throughput of one online step: the seed semantics run eagerly (the reference
+port, memdisc.reference.seed) against memdisc's fast path, side by side.
+
+    python bench/bench_online_step.py [--device cpu|cuda] [--models cnn,resnet18] [--ks 1,4,16]
+                                      [--repeats 5] [--out bench/results]
+
+Methods: ST; AT-seed; DSC-batch and DSC-sample (correction + train step); one
+accumulative crafting step of the attack.  Scenarios for DSC: ``all`` (the
+threshold is below every discrepancy, so every row runs the 10 correction steps:
+the worst case) and, for DSC-sample, ``half`` (the threshold is the median
+per-sample discrepancy of the batch, so about half the rows move).  The train
+step uses lr = 0 so the weights, and with them the workload, stay fixed across
+repeats.  Providers are timed interleaved (repeat r of every provider before
+repeat r+1) so machine noise hits them alike.  A profile of the fast DSC step
+gives the share of time spent in the memdisc kernels versus everything else.
+Results: one CSV row per (model, K, method, scenario, provider) and a table printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import provenance, write_csv_atomic  # noqa: E402
+
+from memdisc.attacks import AccumulativeAttack, AttackConfig  # noqa: E402
+from memdisc.defenses import DSC, Defense, SeedAT, ThresholdSchedule  # noqa: E402
+from memdisc.models import build_model  # noqa: E402
+from memdisc.reference import seed as ref  # noqa: E402
+from memdisc.snapshots import SnapshotSet  # noqa: E402
+
+SHAPES = {"cnn": (1, 28, 10), "resnet18": (3, 32, 10)}  # channels, side, classes
+
+
+def _setup(model_name: str, K: int, batch: int, device: str, seed: int = 0):
+    channels, side, classes = SHAPES[model_name]
+    torch.manual_seed(seed)
+    model = build_model(model_name, channels, classes, side).to(device)
+    snaps = []
+    for _ in range(K):  # snapshots: the model with its weights nudged, as after some training
+        h = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in h.parameters():
+                p.add_(0.05 * p.std().nan_to_num(0.01) * torch.randn_like(p))
+        snaps.append(h.eval())
+    x = torch.rand(batch, channels, side, side, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    return model, snaps, x, y
+
+
+def _median_md(model, snaps, x) -> float:
+    s = SnapshotSet(snaps)
+    model.eval()
+    with torch.no_grad():
+        md = s.discrepancy(model(x), x).mean(0)
+    return float(md.median())
+
+
+def _providers(method: str, scenario: str, model, snaps, x, y):
+    """{provider: zero-argument callable doing one online step} for one method."""
+    opt_ref = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    opt_fast = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    tau = -1.0 if scenario == "all" else _median_md(model, snaps, x)
+    hist = snaps if len(snaps) > 1 else snaps[0]
+    if method == "ST":
+        fast = Defense()
+        return {"reference": lambda: ref.seed_train_step(model, opt_ref, x, y),
+                "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
+    if method == "AT-seed":
+        fast = SeedAT()
+        return {"reference": lambda: ref.seed_train_step(model, opt_ref, ref.seed_at_correct(model, x, y), y),
+                "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
+    if method.startswith("DSC"):
+        mode = method.split("-")[1]
+        fast = DSC(SnapshotSet(snaps), mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau))
+
+        def reference():
+            xc, _ = ref.seed_dsc_correct(model, hist, x, y, 0, tau0=tau, tau_slope=0.0, per_sample=mode == "sample")
+            ref.seed_train_step(model, opt_ref, xc, y)
+        return {"reference": reference, "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
+    if method == "craft":
+        cfg = AttackConfig()
+        n_val = 100
+        attack = AccumulativeAttack(cfg, x, y, x[:n_val].flip(0).contiguous(), y[:n_val].flip(0).contiguous(), seed=0)
+        attack.prepare(model)
+        x_trig, y_trig = attack.trigger_batch(model)
+        return {"reference": lambda: ref.seed_craft_accumulative(
+                    model, x, y, x_trig, y_trig, attack.x_val, attack.y_val, eps=cfg.eps, steps=cfg.steps,
+                    step_size=cfg.step_size, gamma=cfg.gamma),
+                "memdisc": lambda: attack.poison(model, x, y, 0)}
+    raise ValueError(f"method: unknown {method!r}")
+
+
+def _time(fns: dict, device: str, repeats: int) -> dict:
+    """Interleaved wall times (ms) of each provider: one warm-up, then ``repeats`` rounds."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r > 0:
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[1], "p80_ms": q[7]}
+    return out
+
+
+def kernel_share(fn, device: str) -> dict:
+    """Share of self time in memdisc ops vs the rest, from torch.profiler over one call."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        fn()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    total = kernels = 0.0
+    for ev in prof.key_averages():
+        t = getattr(ev, attr, 0.0) or 0.0
+        total += t
+        if ev.key.startswith("memdisc::"):
+            kernels += t
+    return {"kernel_share": kernels / total if total else float("nan"), "profiled_ms": total / 1e3}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="cnn,resnet18")
+    ap.add_argument("--ks", default="1,4,16")
+    ap.add_argument("--methods", default="ST,AT-seed,DSC-batch,DSC-sample,craft")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    prov = provenance(args.device)
+    rows = []
+    for model_name in args.models.split(","):
+        for K in [int(k) for k in args.ks.split(",")]:
+            model, snaps, x, y = _setup(model_name, K, args.batch, args.device)
+            for method in args.methods.split(","):
+                if K > 1 and not method.startswith("DSC"):
+                    continue  # only DSC depends on K
+                scenarios = ["all", "half"] if method == "DSC-sample" else ["all"]
+                for scenario in scenarios:
+                    fns = _providers(method, scenario, model, snaps, x, y)
+                    t = _time(fns, args.device, args.repeats)
+                    share = kernel_share(fns["memdisc"], args.device) if method.startswith("DSC") else {}
+                    base = t["reference"]["median_ms"]
+                    for provider, stats in t.items():
+                        rows.append({"model": model_name, "K": K, "batch": args.batch, "method": method,
+                                     "scenario": scenario, "provider": provider, **{k: round(v, 3) for k, v in stats.items()},
+                                     "samples_per_s": round(1e3 * args.batch / stats["median_ms"], 1),
+                                     "speedup_vs_reference": round(base / stats["median_ms"], 3),
+                                     **({k: round(v, 4) for k, v in share.items()} if provider == "memdisc" else {}),
+                                     **prov})
+                    print(f"{model_name:9s} K={K:<3d} {method:10s} {scenario:5s} reference {base:9.1f} ms  "
+                          f"memdisc {t['memdisc']['median_ms']:9.1f} ms  x{base / t['memdisc']['median_ms']:.2f}",
+                          flush=True)
+    path = os.path.join(args.out, f"online_step_{args.device}.csv")
+    write_csv_atomic(path, rows)
+    print(f"\nwritten {path}\n")
+    print(f"{'model':9s} {'K':>3s} {'method':10s} {'scen':5s} {'ref samp/s':>11s} {'memdisc samp/s':>14s} {'speedup':>8s} "
+          f"{'kernel share':>12s}")
+    for r in rows:
+        if r["provider"] == "memdisc":
+            ref_row = next(q for q in rows if q["provider"] == "reference" and
+                           (q["model"], q["K"], q["method"], q["scenario"]) == (r["model"], r["K"], r["method"], r["scenario"]))
+            share = r.get("kernel_share")
+            print(f"{r['model']:9s} {r['K']:3d} {r['method']:10s} {r['scenario']:5s} {ref_row['samples_per_s']:11.0f} "
+                  f"{r['samples_per_s']:14.0f} {r['speedup_vs_reference']:8.2f} "
+                  f"{'' if share is None else f'{100 * share:.1f}%':>12s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
