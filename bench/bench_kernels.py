@@ -74,7 +74,7 @@ def _discrepancy_cases(cfg: Config, dtype: torch.dtype):
         b = torch.randn(K, B, C, device=cfg.device, dtype=dtype, generator=g) * 3
         fwd_bytes = (K + 1) * B * C * s + (2 * K + 1) * B * 4
         yield ("discrepancy", f"K={K} B={B} C={C}", fwd_bytes,
-               {p: (lambda f=f: f(a, b)) for p, f in impls.items()})
+               {p: (lambda f=f, a=a, b=b: f(a, b)) for p, f in impls.items()})
         if (K, B, C) in PAPER_DISC + TARGET_DISC:  # scoring is forward-only
             ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
 
@@ -83,7 +83,7 @@ def _discrepancy_cases(cfg: Config, dtype: torch.dtype):
                 ag.grad = bg.grad = None
 
             yield ("discrepancy_fb", f"K={K} B={B} C={C}", fwd_bytes + 2 * (K + 1) * B * C * s,
-                   {p: (lambda f=f: fb(f)) for p, f in impls.items()})
+                   {p: (lambda f=f, fb=fb: fb(f)) for p, f in impls.items()})
 
 
 def _pgd_cases(cfg: Config, dtype: torch.dtype):
@@ -102,7 +102,8 @@ def _pgd_cases(cfg: Config, dtype: torch.dtype):
         nbytes = int(round(frac * B * 3 * 32 * 32 * s * 4))
         label = f"B={B}x3x32x32 active={frac:g}"
         yield ("pgd_step", label, nbytes,
-               {p: (lambda f=f: f(x, grad, x0, active, 0.02, 0.2, 0.0, 1.0, True)) for p, f in impls.items()})
+               {p: (lambda f=f, x=x, grad=grad, x0=x0, active=active: f(x, grad, x0, active, 0.02, 0.2, 0.0, 1.0, True))
+                for p, f in impls.items()})
 
 
 def _copy_gbps(nbytes: int, cfg: Config) -> float:

@@ -114,17 +114,18 @@ def test_training_reduces_test_error(finished):
     assert losses[-1] < losses[0]
 
 
-class _Interrupt:
-    """Stands in for iterate_minibatches and raises KeyboardInterrupt after ``after`` batches of epoch ``epoch``."""
+class _Epochs:
+    """Stands in for iterate_minibatches: counts the epochs run and, if ``interrupt=(epoch, batch)``,
+    raises KeyboardInterrupt when that epoch (counted from this call's start) reaches that batch."""
 
-    def __init__(self, epoch: int, after: int):
-        self.epoch, self.after, self.calls = epoch, after, 0
+    def __init__(self, interrupt: tuple[int, int] | None = None):
+        self.interrupt, self.calls = interrupt, 0
         self.real = burnin_module.iterate_minibatches
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
         for i, batch in enumerate(self.real(*args, **kwargs)):
-            if self.calls == self.epoch and i == self.after:
+            if (self.calls, i) == self.interrupt:
                 raise KeyboardInterrupt
             yield batch
 
@@ -132,16 +133,18 @@ class _Interrupt:
 def test_resume_after_interruption_equals_uninterrupted_run(finished, tmp_path, monkeypatch):
     cfg, result = finished
     resumed = dataclasses.replace(cfg, out=str(tmp_path / "run"))
-    interrupt = _Interrupt(epoch=2, after=3)  # three optimizer steps into epoch 2
-    monkeypatch.setattr(burnin_module, "iterate_minibatches", interrupt)
+    interrupted = _Epochs(interrupt=(2, 3))  # three optimizer steps into epoch 2
+    monkeypatch.setattr(burnin_module, "iterate_minibatches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_burnin(resumed, progress=False)
     out = Path(resumed.out)
-    assert interrupt.calls == 2 and load_snapshot(out / "checkpoint.pt")["epoch"] == 1
+    assert interrupted.calls == 2 and load_snapshot(out / "checkpoint.pt")["epoch"] == 1
     assert not (out / "history.json").exists() and _no_temp_files(out) == []
-    monkeypatch.undo()
 
+    restarted = _Epochs()
+    monkeypatch.setattr(burnin_module, "iterate_minibatches", restarted)
     again = run_burnin(resumed, progress=False)
+    assert restarted.calls == 2  # epochs 2 and 3 only: it resumed, not started over
     _assert_same_weights(_state(out / "checkpoint.pt"), _state(Path(cfg.out) / "checkpoint.pt"))
     for epoch in (2, 3):
         _assert_same_weights(_state(snapshot_path(out, epoch)), _state(snapshot_path(cfg.out, epoch)))
@@ -152,15 +155,17 @@ def test_resume_after_interruption_equals_uninterrupted_run(finished, tmp_path, 
     assert [{k: h[k] for k in ("epoch", "test_error", "train_loss")} for h in again["history"]] == strip
 
 
-def test_extending_a_run_with_augmentation_equals_one_long_run(tiny_fashion_mnist, tmp_path):
+def test_extending_a_run_with_augmentation_equals_one_long_run(tiny_fashion_mnist, tmp_path, monkeypatch):
     """epochs=1 then the same command with epochs=2 equals epochs=2 at once (augmentation draws included)."""
     long = _config(tiny_fashion_mnist, tmp_path / "long", epochs=2, augment=True, snapshot_every=1,
                    train_subset=256, test_subset=128)
     run_burnin(long, progress=False)
     short = dataclasses.replace(long, out=str(tmp_path / "short"), epochs=1)
     run_burnin(short, progress=False)
+    epochs = _Epochs()
+    monkeypatch.setattr(burnin_module, "iterate_minibatches", epochs)
     extended = run_burnin(dataclasses.replace(short, epochs=2), progress=False)
-    assert [h["epoch"] for h in extended["history"]] == [1, 2]
+    assert epochs.calls == 1 and [h["epoch"] for h in extended["history"]] == [1, 2]
     _assert_same_weights(_state(tmp_path / "short" / "checkpoint.pt"), _state(tmp_path / "long" / "checkpoint.pt"))
 
 

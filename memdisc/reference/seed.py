@@ -68,37 +68,57 @@ def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - F.log_softmax(logits_q, dim=1))).sum(dim=1)
 
 
-def seed_batch_md(model: nn.Module, hist_model: nn.Module, x: torch.Tensor) -> float:
-    """Batch mean of ``MD(x_i) = KL(p_h(x_i) || p_t(x_i))``, both models in eval mode, T = 1.
+def _hist_list(hist_model) -> list[nn.Module]:
+    return list(hist_model) if isinstance(hist_model, (list, tuple)) else [hist_model]
 
-    x: ``[B, ...]``; model: the current model f_t; hist_model: the historical f_h.
+
+def seed_sample_md(model: nn.Module, hist_model, x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` per-sample ``MD(x_i) = KL(p_h(x_i) || p_t(x_i))``, both models in eval mode, T = 1.
+
+    hist_model: one historical model, or a list of K of them (their MDs are averaged:
+    the plain generalisation of the seed, one forward per snapshot).
     """
-    with _eval_mode(model, hist_model), torch.no_grad():
-        return _kl_rows(hist_model(x), model(x)).mean().item()
+    hists = _hist_list(hist_model)
+    with _eval_mode(model, *hists), torch.no_grad():
+        current = model(x)
+        return sum(_kl_rows(h(x), current) for h in hists) / len(hists)
 
 
-def seed_dsc_correct(model: nn.Module, hist_model: nn.Module, x: torch.Tensor, y: torch.Tensor, step_index: int, *,
+def seed_batch_md(model: nn.Module, hist_model, x: torch.Tensor) -> float:
+    """Batch mean of ``MD(x_i) = KL(p_h(x_i) || p_t(x_i))`` (see ``seed_sample_md``)."""
+    return seed_sample_md(model, hist_model, x).mean().item()
+
+
+def seed_dsc_correct(model: nn.Module, hist_model, x: torch.Tensor, y: torch.Tensor, step_index: int, *,
                      tau0: float = 0.5, tau_slope: float = 0.02, max_iters: int = 10, step_size: float = 0.02,
-                     eps: float = 0.2) -> tuple[torch.Tensor, int]:
+                     eps: float = 0.2, per_sample: bool = False) -> tuple[torch.Tensor, int]:
     """DSC with the seed's per-batch rule (ALGORITHM.md section 3).
 
     ``tau = tau0 + tau_slope * step_index``; up to ``max_iters`` times: stop if the batch
     mean MD of the current ``x'`` is <= tau, else
     ``x' <- clip_[0,1](Pi_eps(x' - step_size * sign(grad_x' CE(f_t(x'), y)); x))``.
+    ``per_sample=True`` is memdisc's per-sample rule written as plainly: a row stops
+    for good once its own MD <= tau; the loop ends when no row moves.
 
     Returns ``(x_corrected [B, ...], iters_done)`` (the number of steps taken).
     """
     tau = tau0 + tau_slope * step_index
     x0 = x.detach()
     xc = x0.clone()
+    moving = torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
     iters_done = 0
     for _ in range(max_iters):
-        if seed_batch_md(model, hist_model, xc) <= tau:
+        if per_sample:
+            moving = moving & (seed_sample_md(model, hist_model, xc) > tau)
+            if not moving.any():
+                break
+        elif seed_batch_md(model, hist_model, xc) <= tau:
             break
         with _eval_mode(model):
             xc.requires_grad_(True)
             (g,) = torch.autograd.grad(F.cross_entropy(model(xc), y), xc)
-        xc = _project(xc.detach() - step_size * g.sign(), x0, eps)
+        x_new = _project(xc.detach() - step_size * g.sign(), x0, eps)
+        xc = torch.where(_rows(moving, x_new), x_new, xc.detach())
         iters_done += 1
     return xc, iters_done
 

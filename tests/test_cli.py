@@ -1,0 +1,99 @@
+"""The memdisc command line: help with defaults, one-line errors and exit codes, info, a full burn-in."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import memdisc.burnin as burnin_module
+from memdisc.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_burnin_help_lists_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["burnin", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo line wrapping
+    for flag, default in (("--dataset", "fashion-mnist"), ("--data-dir", "None"), ("--model", "cnn"),
+                          ("--epochs", "6"), ("--batch-size", "128"), ("--lr", "0.05"), ("--augment", "False"),
+                          ("--snapshot-every", "1"), ("--seed", "0"), ("--device", "auto")):
+        assert f"{flag} " in text, flag
+        assert f"(default: {default})" in text, default
+    assert "--config CONFIG" in text
+
+
+def test_missing_data_is_a_one_line_error_without_traceback(tmp_path):
+    """Run as a user would (a fresh interpreter): exit status 2 and one stderr line naming the folder."""
+    empty = tmp_path / "no data here"
+    empty.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "memdisc.cli", "burnin", "--data-dir", str(empty), "--device", "cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("memdisc burnin: error: Fashion-MNIST (train split) not found")
+    assert str(empty) in lines[0] and "--data-dir" in lines[0]
+    assert list(tmp_path.iterdir()) == [empty]  # no run directory was started
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochz = 3\n")
+    assert main(["burnin", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memdisc burnin: error: config: unknown option 'epochz'") and err.count("\n") == 1
+    assert main(["burnin", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "absent.toml" in capsys.readouterr().err
+    assert main(["burnin", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err == "memdisc burnin: error: epochs: expected >= 1, got 0\n"
+
+
+def test_bad_flag_and_missing_command_are_usage_errors(capsys):
+    for argv in (["burnin", "--epochs", "many"], [], ["train"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "usage: memdisc" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130_with_a_resume_hint(monkeypatch, capsys, tmp_path):
+    def interrupted(cfg, progress=True):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(burnin_module, "run_burnin", interrupted)
+    assert main(["burnin", "--out", str(tmp_path / "run")]) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+
+
+def test_info_prints_json(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert isinstance(info["extension"], bool) and "extension_error" in info
+    assert {"memdisc", "torch", "commit", "device"} <= set(info)
+    assert info["extension_error"] is None or not info["extension"]
+
+
+def test_full_burnin_writes_the_run_directory(tiny_fashion_mnist, tmp_path, capsys):
+    toml = tmp_path / "burnin.toml"
+    toml.write_text('epochs = 5\nbatch_size = 64\ntrain_subset = 256\ntest_subset = 128\nlr = 0.05\n')
+    out = tmp_path / "run"
+    argv = ["burnin", "--config", str(toml), "--data-dir", str(tiny_fashion_mnist), "--epochs", "2",
+            "--snapshot-every", "1", "--device", "cpu", "--seed", "4", "--out", str(out)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "burn-in done: test error" in stdout and "after 2 epochs" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"] == "burnin"
+    assert {k: config["config"][k] for k in ("epochs", "batch_size", "train_subset", "test_subset", "seed")} == \
+        {"epochs": 2, "batch_size": 64, "train_subset": 256, "test_subset": 128, "seed": 4}  # flag beat TOML
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history["history"]] == [1, 2]
+    assert all(round(h["test_error"] * 128, 6).is_integer() for h in history["history"])  # 128 test images
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["epoch_001.pt", "epoch_002.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "history.json", "snapshots"]

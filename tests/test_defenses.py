@@ -1,0 +1,313 @@
+"""memdisc.defenses: the contract of every defence, and DSC against the seed port (memdisc.reference.seed).
+
+Models: small MLPs on 1x8x8 inputs with eval-mode BatchNorm statistics that differ from the batch's,
+so running a correction in train mode instead of eval mode would show.  For the DSC parity the
+historical model is confident and the labels are its predictions: the batch-mean discrepancy is then
+close to the current model's cross-entropy, and the DSC descent lowers it step by step (about 1.5 down
+to 0.8 over 10 steps), so the seed schedule 0.5 + 0.02 s stops after every possible number of steps.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, SeedAT, ThresholdSchedule)
+from memdisc.online import OnlineConfig
+from memdisc.ops import discrepancy
+from memdisc.reference import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
+                               seed_train_step)
+from memdisc.snapshots import SnapshotSet
+
+B = 16
+
+
+def mlp(seed: int, out_scale: float = 2.0, dtype=torch.float32) -> nn.Module:
+    """flatten - linear(64 -> 32) - BatchNorm1d - tanh - linear(32 -> 10), last layer scaled by ``out_scale``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 10))
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-0.3, 0.3)
+        model[2].running_var.uniform_(0.5, 1.5)
+        model[4].weight.mul_(out_scale)
+    return model.to(dtype)
+
+
+def models_and_batch(seed: int = 3, dtype=torch.float32):
+    """(current model, historical model, x [B, 1, 8, 8] in [0, 1], y = the historical model's predictions)."""
+    current, hist = mlp(0, dtype=dtype), mlp(1, out_scale=10.0, dtype=dtype).eval()
+    x = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    with torch.no_grad():
+        y = hist(x).argmax(1)
+    return current, hist, x, y
+
+
+def ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+def per_sample_md(model: nn.Module, hist: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` MD(x_i) = KL(p_h || p_t), both in eval mode, through the op on the models' own logits."""
+    model.eval()
+    with torch.no_grad():
+        return discrepancy(model(x), hist.eval()(x)[None])[0]
+
+
+def in_box_and_ball(x_new: torch.Tensor, x: torch.Tensor, eps: float) -> bool:
+    return bool(((x_new - x).abs() <= eps + 1e-6).all() and (x_new >= 0).all() and (x_new <= 1).all())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ST, GC, AT
+# ----------------------------------------------------------------------------------------------------------
+
+def test_st_returns_the_batch_unchanged_and_trains_like_the_seed():
+    model, _, x, y = models_and_batch()
+    x_before = x.clone()
+    x_train, report = Defense().correct(model, x, y, step=0)
+    assert torch.equal(x_train, x_before)
+    assert not report.moved.any() and (report.iterations == 0).all() and report.md is None
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        loss, _ = Defense().train_step(model, opt, x, y, step=0)
+        loss_twin = seed_train_step(twin, opt_twin, x, y)
+        assert loss.item() == pytest.approx(loss_twin, rel=1e-6)
+    for p, q in zip(model.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm, bound", [("inf", 0.01), ("2", 0.1)])
+def test_gc_bounds_the_gradient_norm_at_the_step(norm, bound):
+    model, _, x, y = models_and_batch()
+    p_norm = float("inf") if norm == "inf" else 2.0
+
+    def total_norm(grads):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, p_norm) for g in grads]), p_norm)
+
+    # the unclipped gradient is far above the bound, so the check below can fail
+    probe = copy.deepcopy(model).train()
+    grads = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    assert total_norm(grads) > 5 * bound
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(total_norm([p.grad for p in model.parameters()])))
+    twin = copy.deepcopy(model)
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.1)
+    GradientClipping(norm, bound).train_step(model, opt, x, y, step=0)
+    assert len(seen) == 1 and bound * 0.99 < seen[0] <= bound * (1 + 1e-5)
+    seed_train_step(twin, opt_twin, x, y, clip_norm=bound, clip_type=norm)
+    for p, q in zip(model.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_gc_argument_errors():
+    with pytest.raises(ValueError, match="gc_norm"):
+        GradientClipping("1", 0.01)
+    with pytest.raises(ValueError, match="gc_bound"):
+        GradientClipping("inf", 0.0)
+
+
+def test_seed_at_runs_every_iteration_in_the_ball_and_lowers_ce():
+    model, _, x, y = models_and_batch()
+    model.train()
+    x_adv, report = SeedAT(iters=10, step_size=0.02, eps=0.05).correct(model, x, y, step=0)
+    assert model.training  # restored
+    assert (report.iterations == 10).all() and report.moved.all()
+    assert in_box_and_ball(x_adv, x, 0.05)
+    assert ((x_adv - x).abs().amax() > 0.049)  # it went to the ball's edge: 10 steps of 0.02 > 0.05
+    assert ce(model, x_adv, y) < ce(model, x, y) - 0.1
+
+
+def test_seed_at_equals_the_seed_port():
+    """float64, where the sign of a gradient element is not decided by rounding."""
+    model, _, x, y = models_and_batch(dtype=torch.float64)
+    x_adv, _ = SeedAT(iters=10, step_size=0.02, eps=0.2, kl_weight=0.1).correct(model, x, y, step=0)
+    expected = seed_at_correct(model, x, y, iters=10, step_size=0.02, eps=0.2, kl_weight=0.1)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-12)
+
+
+def test_madry_at_raises_ce_and_equals_the_madry_port():
+    model, _, x, y = models_and_batch(dtype=torch.float64)
+    x_adv, report = MadryAT(iters=5, step_size=0.02, eps=0.05).correct(model, x, y, step=0)
+    assert (report.iterations == 5).all()
+    assert in_box_and_ball(x_adv, x, 0.05)
+    assert ce(model, x_adv, y) > ce(model, x, y) + 0.1
+    expected = madry_at_perturb(model, x, y, iters=5, step_size=0.02, eps=0.05)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DSC
+# ----------------------------------------------------------------------------------------------------------
+
+def test_dsc_batch_mode_equals_the_seed_port():
+    model, hist, x, y = models_and_batch()
+    # the seed's iterate after k steps (it never stops with tau = -inf) and its batch MD
+    trajectory = []
+    for k in range(10):
+        xk, done = seed_dsc_correct(model, hist, x, y, 0, tau0=-1e9, max_iters=k)
+        assert done == k
+        trajectory.append(seed_batch_md(model, hist, xk))
+    assert trajectory[0] > 1.2 and trajectory[-1] < 0.9  # the descent lowers the discrepancy
+    dsc = DSC(SnapshotSet([hist]), mode="batch", schedule=ThresholdSchedule("seed", 0.5, 0.02))
+    counts = set()
+    for s in range(0, 60, 3):
+        tau = 0.5 + 0.02 * s
+        if min(abs(d - tau) for d in trajectory) < 5e-3:
+            continue  # a knife-edge decision could go either way under float32 rounding
+        expected, n = seed_dsc_correct(model, hist, x, y, s)
+        got, report = dsc.correct(model, x, y, s)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert (report.iterations == n).all(), (s, report.iterations, n)
+        assert report.threshold == pytest.approx(tau)
+        counts.add(n)
+        assert torch.equal(report.moved, torch.full((B,), n > 0))
+        assert float(report.md.mean()) == pytest.approx(trajectory[0], rel=1e-5)
+    assert 10 in counts and 0 in counts and len(counts - {0, 10}) >= 3, counts  # runs all, stops early, at once
+
+
+def fixed_tau_between(values: torch.Tensor) -> float:
+    """A threshold halfway between the two middle values of ``values`` (so about half lie below it)."""
+    v = values.sort().values
+    mid = v.numel() // 2
+    assert v[mid] - v[mid - 1] > 1e-3
+    return float((v[mid] + v[mid - 1]) / 2)
+
+
+def test_dsc_sample_mode_leaves_rows_under_tau_untouched_and_moves_the_others():
+    model, hist, x, y = models_and_batch()
+    md0 = per_sample_md(model, hist, x)
+    tau = fixed_tau_between(md0)
+    dsc = DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("fixed", tau0=tau))
+    x_before = x.clone()
+    got, report = dsc.correct(model, x, y, step=7)
+    assert torch.equal(x, x_before)  # the received batch is not modified in place
+    below = md0 <= tau
+    assert 0 < int(below.sum()) < B
+    assert torch.equal(got[below], x[below])  # bit-identical
+    assert ((got[~below] - x[~below]).flatten(1).abs().amax(1) > 0.019).all()
+    assert torch.equal(report.moved, ~below) and (report.iterations[below] == 0).all()
+    assert in_box_and_ball(got, x, 0.2)
+    torch.testing.assert_close(report.md, md0, rtol=1e-5, atol=1e-6)
+    # a row that stopped before the last step did so because its own MD fell to tau
+    stopped = (report.iterations > 0) & (report.iterations < 10)
+    assert stopped.any()
+    assert (per_sample_md(model, hist, got)[stopped] <= tau + 1e-6).all()
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_dsc_early_exit_and_fixed_length_loop_agree(mode):
+    model, hist, x, y = models_and_batch()
+    snaps = SnapshotSet([hist])
+    md0 = per_sample_md(model, hist, x)
+    for tau in (fixed_tau_between(md0), float(md0.mean()) - 0.3, 0.1, 10.0):
+        outs = []
+        for early_exit in (True, False, "auto"):
+            dsc = DSC(snaps, mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau), early_exit=early_exit)
+            outs.append(dsc.correct(model, x, y, step=0))
+        for got, report in outs[1:]:
+            assert torch.equal(got, outs[0][0])
+            assert torch.equal(report.iterations, outs[0][1].iterations)
+            assert torch.equal(report.moved, outs[0][1].moved)
+
+
+def test_dsc_calibrated_threshold_needs_heldout_data():
+    _, hist, _, _ = models_and_batch()
+    with pytest.raises(ValueError, match="heldout"):
+        DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("calibrated"))
+
+
+def test_dsc_calibrated_threshold_is_the_heldout_quantile():
+    model, hist, x, y = models_and_batch()
+    xh = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    yh = torch.zeros(64, dtype=torch.long)
+    scores = per_sample_md(model, hist, xh)
+    # per-sample rule: the quantile of the per-sample held-out scores
+    dsc = DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("calibrated", quantile=0.8),
+              heldout=(xh, yh))
+    _, report = dsc.correct(model, x, y, step=0)
+    assert report.threshold == pytest.approx(float(torch.quantile(scores, 0.8)), rel=1e-5)
+    # per-batch rule: the quantile of the means of 256 resampled held-out batches of the stream's size
+    dsc = DSC(SnapshotSet([hist]), mode="batch", schedule=ThresholdSchedule("calibrated", quantile=0.8),
+              heldout=(xh, yh), seed=5)
+    _, report = dsc.correct(model, x, y, step=0)
+    idx = torch.randint(0, 64, (256, B), generator=torch.Generator().manual_seed(5))
+    assert report.threshold == pytest.approx(float(torch.quantile(scores[idx].mean(1), 0.8)), rel=1e-5)
+    assert float(scores.min()) < report.threshold < float(scores.max())
+
+
+def test_dsc_calibration_is_remeasured_every_n_steps_and_survives_a_state_round_trip():
+    model, hist, x, y = models_and_batch()
+    xh = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    heldout = (xh, torch.zeros(64, dtype=torch.long))
+
+    def make():
+        return DSC(SnapshotSet([hist]), mode="batch", heldout=heldout,
+                   schedule=ThresholdSchedule("calibrated", quantile=0.9, every=2))
+
+    dsc = make()
+    tau0 = dsc.correct(model, x, y, step=0)[1].threshold
+    with torch.no_grad():
+        model[4].weight.mul_(1.5)  # the model moves on: the clean discrepancy changes
+    assert dsc.correct(model, x, y, step=1)[1].threshold == tau0  # not due yet
+    tau2 = dsc.correct(model, x, y, step=2)[1].threshold
+    assert tau2 != pytest.approx(tau0, rel=1e-3)
+    resumed = make()
+    resumed.load_state_dict(dsc.state_dict())
+    assert resumed.correct(model, x, y, step=3)[1].threshold == tau2
+    assert resumed.correct(model, x, y, step=4)[1].threshold == dsc.correct(model, x, y, step=4)[1].threshold
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument errors
+# ----------------------------------------------------------------------------------------------------------
+
+def all_defenses(hist):
+    return [Defense(), GradientClipping(), SeedAT(), MadryAT(),
+            DSC(SnapshotSet([hist]), mode="batch", schedule=ThresholdSchedule("seed")),
+            DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("fixed"))]
+
+
+def test_bad_batches_are_value_errors_naming_the_argument():
+    model, hist, x, y = models_and_batch()
+    x_nan = x.clone()
+    x_nan[3, 0, 2, 2] = float("nan")
+    for defense in all_defenses(hist):
+        with pytest.raises(ValueError, match=r"^x: .*NaN"):
+            defense.correct(model, x_nan, y, 0)
+        with pytest.raises(ValueError, match=r"^x: "):
+            defense.correct(model, x.to(torch.uint8), y, 0)
+        with pytest.raises(ValueError, match=r"^y: .*int64"):
+            defense.correct(model, x, y.float(), 0)
+        with pytest.raises(ValueError, match=r"^y: .*\[16\]"):
+            defense.correct(model, x, y[:-1], 0)
+        with pytest.raises(ValueError, match=r"^y: "):
+            defense.correct(model, x, y[:, None], 0)
+
+
+def test_constructor_errors_name_the_option():
+    _, hist, _, _ = models_and_batch()
+    with pytest.raises(ValueError, match="dsc_mode"):
+        DSC(SnapshotSet([hist]), mode="rows", schedule=ThresholdSchedule("seed"))
+    with pytest.raises(ValueError, match="dsc_threshold"):
+        ThresholdSchedule("adaptive")
+    with pytest.raises(ValueError, match="dsc_quantile"):
+        ThresholdSchedule("calibrated", quantile=1.0)
+    with pytest.raises(ValueError, match="iters"):
+        SeedAT(iters=-1)
+
+
+def test_unknown_defense_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="defense") as info:
+        OnlineConfig(defense="XYZ")
+    assert "'XYZ'" in str(info.value)
+    for name in DEFENSES:
+        assert name in str(info.value)
