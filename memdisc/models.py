@@ -116,7 +116,11 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
         name: one of ``MODELS`` ("cnn", "resnet18").
         in_channels, num_classes, image_size: input channels, output classes, input side length.
         norm: "bn", "gn", "none", or "auto" (the model's default: none for cnn, bn for resnet18).
-        mean, std: per-channel input statistics used by the built-in normalisation.
+        mean, std: per-channel input statistics used by the built-in normalisation
+            (``in_channels`` values each, std > 0; default 0.5, mapping [0, 1] to [-1, 1]).
+
+    Raises:
+        ValueError: naming the argument (``model`` for an unknown name) and what was expected.
     """
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")

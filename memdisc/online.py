@@ -198,8 +198,6 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
             return done
     run = OnlineRun(cfg)
     model, opt, attack, defense = run.model, run.optimizer, run.attack, run.defense
-    write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
-                                     "provenance": provenance(cfg.seed, run.device)})
     log = {"step": [], "test_error": [], "md_poisoned": [], "md_clean": [], "corrected_fraction": [],
            "threshold": []}
     scores = {"poisoned": [], "clean": []}
@@ -221,6 +219,9 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
         print(f"resuming {out} at step {step}")
     elif attack is not None:
         attack.prepare(model)
+    # written only once the out dir is known to hold no run with another configuration
+    write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
+                                     "provenance": provenance(cfg.seed, run.device)})
 
     def save_state():
         atomic_torch_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -283,8 +284,8 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     error_before = error_rate(model, *run.eval_all)
     t0 = time.perf_counter()
     x_t, y_t = attack.trigger_batch(model) if attack is not None else run.trigger_clean
+    run.snapshots.observe(model)  # as in every step: the ring first, then the score
     trigger_md = float(run.scores(x_t).mean())
-    run.snapshots.observe(model)
     defense.train_step(model, opt, x_t, y_t, step)
     trigger_seconds = time.perf_counter() - t0
     error_after = error_rate(model, *run.eval_all)

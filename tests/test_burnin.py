@@ -185,7 +185,7 @@ def test_rerunning_a_finished_run_changes_nothing(finished, tmp_path, capsys):
 def test_checkpoint_of_another_config_refuses_to_resume(finished, tmp_path, change, key):
     cfg, _ = finished
     out = tmp_path / "other"
-    (out).mkdir()
+    out.mkdir()
     shutil.copy(Path(cfg.out) / "checkpoint.pt", out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(ValueError, match=rf"^out: the run directory holds a checkpoint with another "

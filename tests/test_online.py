@@ -132,7 +132,7 @@ def test_result_fields_are_present_and_consistent(runs, burnin_dir, name):
 
 def test_the_stop_rule_is_exercised(runs):
     """The ST run stops on the error threshold and the DSC run on max_steps (both branches above ran)."""
-    assert "exceeded" in runs["ST"][1]["stop_reason"] or runs["ST"][1]["steps_run"] < MAX_STEPS
+    assert "exceeded" in runs["ST"][1]["stop_reason"] and runs["ST"][1]["steps_run"] < MAX_STEPS
     assert runs["DSC-sample"][1]["steps_run"] == MAX_STEPS
 
 

@@ -1,0 +1,126 @@
+"""memdisc.compare: presets < TOML < flags, the shared top-level values, the end-to-end comparison on the
+tiny Fashion-MNIST-format data (tests/conftest.py) and the command line's error exit."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memdisc.burnin import BurninConfig
+from memdisc.compare import PRESETS, load_compare_config, run_compare
+from memdisc.online import DSCConfig, OnlineConfig
+
+SEED_CIFAR10 = PRESETS["seed-cifar10"]
+
+
+def assert_seed_cifar10_burnin(cfg) -> None:
+    for key, value in SEED_CIFAR10["burnin"].items():
+        assert getattr(cfg.burnin, key) == value, key
+
+
+def test_auto_picks_the_seed_preset_for_cifar10_resnet18(tmp_path):
+    cfg = load_compare_config(overrides={"dataset": "cifar10", "model": "resnet18", "out": str(tmp_path)})
+    assert_seed_cifar10_burnin(cfg)
+    assert (cfg.burnin.epochs, cfg.burnin.batch_size, cfg.burnin.augment, cfg.burnin.snapshot_every) == (40, 256, True,
+                                                                                                        10)
+    online = cfg.online
+    assert (online.history_epochs, online.stop_error, online.max_steps, online.lr, online.momentum) == (
+        "20", 0.18, 100, 0.1, 0.9)
+    assert online.dsc.threshold == "seed"
+
+
+@pytest.mark.parametrize("overrides", [{}, {"dataset": "cifar10", "model": "cnn"},
+                                       {"dataset": "cifar10", "model": "resnet18", "preset": "cpu-demo"}])
+def test_other_setups_get_the_plain_defaults(overrides):
+    cfg = load_compare_config(overrides=overrides)
+    defaults = BurninConfig()
+    assert (cfg.burnin.epochs, cfg.burnin.batch_size, cfg.burnin.augment) == (defaults.epochs, defaults.batch_size,
+                                                                              defaults.augment)
+    assert cfg.online.stop_error is None and cfg.online.dsc == DSCConfig()
+    assert cfg.online.history_epochs == OnlineConfig().history_epochs
+
+
+def test_a_named_preset_applies_to_any_dataset():
+    cfg = load_compare_config(overrides={"preset": "seed-cifar10"})
+    assert cfg.dataset == "fashion-mnist"
+    assert_seed_cifar10_burnin(cfg)
+    assert cfg.online.dsc.threshold == "seed"
+
+
+def test_toml_overrides_the_preset_and_flags_override_both(tmp_path):
+    toml = tmp_path / "compare.toml"
+    toml.write_text('dataset = "cifar10"\nmodel = "resnet18"\nseed = 4\n\n[burnin]\nepochs = 5\n\n'
+                    '[online]\nmax_steps = 7\nbatch_size = 50\n\n[online.dsc]\nthreshold = "fixed"\n')
+    cfg = load_compare_config(toml)
+    assert (cfg.burnin.epochs, cfg.burnin.batch_size) == (5, 256)  # TOML over preset; the preset's rest stays
+    assert (cfg.online.max_steps, cfg.online.batch_size, cfg.online.stop_error) == (7, 50, 0.18)
+    assert cfg.online.dsc.threshold == "fixed"
+    cfg = load_compare_config(toml, {"seed": 9, "burnin": {"epochs": 2}, "online": {"max_steps": 3,
+                                                                                    "dsc": {"quantile": 0.9}}})
+    assert (cfg.seed, cfg.burnin.epochs, cfg.online.max_steps, cfg.online.batch_size) == (9, 2, 3, 50)
+    assert (cfg.online.dsc.threshold, cfg.online.dsc.quantile) == ("fixed", 0.9)
+    assert cfg.burnin.batch_size == 256 and cfg.burnin.augment
+
+
+def test_shared_values_propagate_to_both_phases(tmp_path):
+    cfg = load_compare_config(overrides={"dataset": "mnist", "model": "cnn", "seed": 3, "data_dir": "/data/x",
+                                         "device": "cpu", "out": str(tmp_path / "cmp"),
+                                         "burnin": {"seed": 99}, "online": {"seed": 99}})
+    b, o = cfg.burnin, cfg.online
+    assert (b.dataset, b.model, b.data_dir, b.seed, b.device) == ("mnist", "cnn", "/data/x", 3, "cpu")
+    assert b.out == str(tmp_path / "cmp" / "burnin") == o.burnin
+    assert (o.seed, o.device) == (3, "cpu")
+    default_out = load_compare_config(overrides={"dataset": "mnist", "seed": 3})
+    assert default_out.out == "runs/compare-mnist-cnn-s3"
+    assert default_out.burnin.out == str(Path("runs/compare-mnist-cnn-s3") / "burnin")
+
+
+def test_unknown_names_are_value_errors():
+    with pytest.raises(ValueError, match=r"defenses: unknown \['Nope'\]") as info:
+        load_compare_config(overrides={"defenses": "ST,Nope"})
+    assert "DSC-sample" in str(info.value)
+    with pytest.raises(ValueError, match="preset"):
+        load_compare_config(overrides={"preset": "fast"})
+    with pytest.raises(ValueError, match="burnin.epoch"):
+        load_compare_config(overrides={"burnin": {"epoch": 3}})
+
+
+def test_run_compare_end_to_end(tiny_fashion_mnist, single_thread, tmp_path):
+    out = tmp_path / "cmp"
+    cfg = load_compare_config(overrides={
+        "data_dir": str(tiny_fashion_mnist), "defenses": "ST,DSC-sample", "device": "cpu", "out": str(out),
+        "burnin": {"epochs": 2},
+        "online": {"history_epochs": "1", "batch_size": 32, "max_steps": 3, "eval_size": 100, "val_size": 32,
+                   "heldout_size": 64}})
+    results = run_compare(cfg, progress=False)
+    assert json.loads((out / "results.json").read_text())["attack_effect"] == results["attack_effect"]
+    assert list(results["runs"]) == ["control", "ST", "DSC-sample"]
+    assert results["runs"]["control"]["attack"] is False
+    assert results["runs"]["DSC-sample"]["defense"] == "DSC-sample" and results["runs"]["ST"]["attack"] is True
+    for name, run in results["runs"].items():
+        assert json.loads((out / "runs" / name / "result.json").read_text())["steps_run"] == run["steps_run"]
+        assert run["config"]["burnin"] == str(out / "burnin") and run["config"]["max_steps"] == 3
+    control_delta = results["runs"]["control"]["error_delta"]
+    for name in ("ST", "DSC-sample"):
+        assert results["attack_effect"][name] == pytest.approx(results["runs"][name]["error_delta"] - control_delta)
+    assert results["burnin"]["epochs"] == 2
+    assert (out / "burnin" / "snapshots" / "epoch_001.pt").is_file()
+    assert json.loads((out / "config.json").read_text())["command"] == "compare"
+    markdown = (out / "results.md").read_text()
+    assert "DSC-sample" in markdown and "ST" in markdown
+    for png in ("error_curves.png", "md_histograms.png", "roc.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
+        assert png in markdown
+
+
+def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "memdisc.cli", "compare", "--defenses", "Nope"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memdisc compare: error: defenses: unknown ['Nope']"), proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was written
