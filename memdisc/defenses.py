@@ -10,6 +10,7 @@ One interface for all of them, usable from any training loop::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -96,18 +97,48 @@ class GradientClipping(Defense):
         nn.utils.clip_grad_norm_(model.parameters(), self.bound, norm_type=self.norm_type)
 
 
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How a correction loop runs the model passes (the final train step is unaffected).
+
+    channels_last: convert the networks and 4-d inputs to the channels-last memory format.
+    autocast: None (float32), "bfloat16" or "float16": ``torch.autocast`` around the
+        forward passes of the correction; the discrepancy op still accumulates in float32.
+    """
+    channels_last: bool = False
+    autocast: str | None = None
+
+    def __post_init__(self):
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast: expected none, 'bfloat16' or 'float16', got {self.autocast!r}")
+
+    def prepare(self, *models: nn.Module) -> None:
+        """Put the networks in the memory format (idempotent)."""
+        if self.channels_last:
+            for m in models:
+                m.to(memory_format=torch.channels_last)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def context(self, device: torch.device):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.autocast))
+
+
 class _PGDCorrection(Defense):
     """Shared loop of the input-space corrections: ``iters`` signed steps of ``step_size``
     in the L-inf ball of radius ``eps`` around the received batch, clamped to [0, 1]."""
 
     descent = True
 
-    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2):
+    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2, precision: Precision = Precision()):
         if iters < 0:
             raise ValueError(f"iters: expected >= 0, got {iters}")
         if not step_size > 0 or not eps >= 0:
             raise ValueError(f"step_size/eps: expected step_size > 0 and eps >= 0, got {step_size}, {eps}")
-        self.iters, self.step_size, self.eps = iters, step_size, eps
+        self.iters, self.step_size, self.eps, self.precision = iters, step_size, eps, precision
 
     def loss(self, model: nn.Module, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
         return F.cross_entropy(logits, y)
@@ -119,11 +150,14 @@ class _PGDCorrection(Defense):
         _check_batch(x, y)
         was_training = model.training
         model.eval()
-        ctx = self.setup(model, x, y)
+        self.precision.prepare(model)
+        with self.precision.context(x.device):
+            ctx = self.setup(model, self.precision.input(x), y)
         x_adv = x.detach().clone()
         for _ in range(self.iters):
             x_adv.requires_grad_(True)
-            loss = self.loss(model, model(x_adv), x, y, ctx)
+            with self.precision.context(x.device):
+                loss = self.loss(model, model(self.precision.input(x_adv)), x, y, ctx)
             (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = x_adv.detach()
             pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, descent=self.descent)
@@ -141,8 +175,9 @@ class SeedAT(_PGDCorrection):
 
     name = "AT-seed"
 
-    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2, kl_weight: float | None = None):
-        super().__init__(iters, step_size, eps)
+    def __init__(self, iters: int = 10, step_size: float = 0.02, eps: float = 0.2, kl_weight: float | None = None,
+                 precision: Precision = Precision()):
+        super().__init__(iters, step_size, eps, precision)
         self.kl_weight = kl_weight
 
     def setup(self, model, x, y):
@@ -234,7 +269,8 @@ class DSC(Defense):
     def __init__(self, snapshots: SnapshotSet, mode: str = "sample", schedule: ThresholdSchedule | None = None,
                  iters: int = 10, step_size: float = 0.02, eps: float = 0.2, reduce: str | int = "mean",
                  temperature: float = 1.0, early_exit: str | bool = "auto", compact: str | bool = "auto",
-                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0):
+                 heldout: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
+                 precision: Precision = Precision()):
         if mode not in ("batch", "sample"):
             raise ValueError(f"dsc_mode: expected 'batch' or 'sample', got {mode!r}")
         if iters < 0 or not step_size > 0 or not eps >= 0:
@@ -242,7 +278,7 @@ class DSC(Defense):
         self.snapshots, self.mode, self.reduce, self.temperature = snapshots, mode, reduce, temperature
         self.schedule = schedule or ThresholdSchedule()
         self.iters, self.step_size, self.eps, self.early_exit = iters, step_size, eps, early_exit
-        self.compact = compact
+        self.compact, self.precision = compact, precision
         self.heldout = heldout
         self.generator = torch.Generator().manual_seed(seed)
         if self.schedule.kind == "calibrated" and heldout is None:
@@ -270,6 +306,7 @@ class DSC(Defense):
         _check_batch(x, y)
         self.calibrate(model, step, x.shape[0])
         tau = self.schedule(step)
+        self.precision.prepare(model, *self.snapshots.models)
         on_cpu = x.device.type == "cpu"
         early_exit = on_cpu if self.early_exit == "auto" else bool(self.early_exit)
         compact = self.mode == "sample" and (on_cpu if self.compact == "auto" else bool(self.compact))
@@ -283,9 +320,11 @@ class DSC(Defense):
         md_received = None
         for _ in range(self.iters):
             xs = (x_adv[rows] if compact else x_adv).requires_grad_(True)
-            logits = model(xs)
-            md = reduce_over_snapshots(
-                self.snapshots.discrepancy(logits.detach(), xs.detach(), self.temperature), self.reduce)
+            with self.precision.context(x.device):
+                xin = self.precision.input(xs)
+                logits = model(xin)
+                md = reduce_over_snapshots(
+                    self.snapshots.discrepancy(logits.detach(), xin.detach(), self.temperature), self.reduce)
             if md_received is None:
                 md_received = md
             if compact:  # forward/backward only the rows that still move (per-sample rule)

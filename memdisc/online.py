@@ -30,7 +30,8 @@ from memdisc.attacks import AccumulativeAttack, AttackConfig
 from memdisc.burnin import resolve_device, snapshot_path
 from memdisc.config import field, section, to_dict
 from memdisc.data import BatchStream, load_dataset
-from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, SeedAT, ThresholdSchedule)
+from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, Precision, SeedAT,
+                               ThresholdSchedule)
 from memdisc.evaluate import error_rate
 from memdisc.metrics import detection_summary
 from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
@@ -79,6 +80,8 @@ class OnlineConfig:
     eval_size: int = field(1000, "test samples evaluated after every step")
     val_size: int = field(500, "attacker's validation batch S_val (from the test set)")
     heldout_size: int = field(500, "defender's clean held-out training samples (DSC calibration)")
+    channels_last: bool = field(False, "run the correction loops' model passes in channels-last memory format")
+    autocast: str | None = field(None, "autocast dtype of the correction loops' model passes: bfloat16, float16")
     repeat_first: bool = field(False, "seed behaviour: the stream repeats the first batch every step")
     checkpoint_every: int = field(10, "save resumable state every N steps")
     seed: int = field(0, "random seed (stream, splits, attack)")
@@ -122,17 +125,18 @@ def _split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
 def build_defense(cfg: OnlineConfig, snapshots: SnapshotSet, heldout) -> Defense:
     """The defence named by ``cfg.defense``."""
     b, d = cfg.baselines, cfg.dsc
+    precision = Precision(cfg.channels_last, cfg.autocast)
     if cfg.defense == "ST":
         return Defense()
     if cfg.defense == "GC":
         return GradientClipping(b.gc_norm, b.gc_bound)
     if cfg.defense == "AT-seed":
-        return SeedAT(b.at_iters, b.at_step_size, b.at_eps, b.at_kl_weight)
+        return SeedAT(b.at_iters, b.at_step_size, b.at_eps, b.at_kl_weight, precision)
     if cfg.defense == "AT-madry":
-        return MadryAT(b.at_iters, b.at_step_size, b.at_eps)
+        return MadryAT(b.at_iters, b.at_step_size, b.at_eps, precision)
     schedule = ThresholdSchedule(d.threshold, d.tau0, d.slope, d.quantile, d.recalibrate_every)
     return DSC(snapshots, mode=cfg.defense.split("-")[1], schedule=schedule, iters=d.iters, step_size=d.step_size,
-               eps=d.eps, reduce=d.reduce, heldout=heldout, seed=cfg.seed)
+               eps=d.eps, reduce=d.reduce, heldout=heldout, seed=cfg.seed, precision=precision)
 
 
 class OnlineRun:
