@@ -30,12 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import provenance, write_csv_atomic  # noqa: E402
 
 from memdisc.attacks import AccumulativeAttack, AttackConfig  # noqa: E402
-from memdisc.defenses import DSC, Defense, SeedAT, ThresholdSchedule  # noqa: E402
+from memdisc.defenses import DSC, Defense, Precision, SeedAT, ThresholdSchedule  # noqa: E402
 from memdisc.models import build_model  # noqa: E402
 from memdisc.reference import seed as ref  # noqa: E402
 from memdisc.snapshots import SnapshotSet  # noqa: E402
 
 SHAPES = {"cnn": (1, 28, 10), "resnet18": (3, 32, 10)}  # channels, side, classes
+VARIANTS = {"memdisc": Precision(), "memdisc-channels_last": Precision(channels_last=True),
+            "memdisc-bf16": Precision(autocast="bfloat16")}
 
 
 def _setup(model_name: str, K: int, batch: int, device: str, seed: int = 0):
@@ -62,7 +64,18 @@ def _median_md(model, snaps, x) -> float:
     return float(md.median())
 
 
-def _providers(method: str, scenario: str, model, snaps, x, y):
+def _quality(correct, model, snaps, x, y) -> dict:
+    """What DSC is for, measured in float32 on its corrected batch: mean CE and mean MD."""
+    xc = correct()
+    model.eval()
+    with torch.no_grad():
+        logits = model(xc)
+        md = SnapshotSet(snaps).discrepancy(logits, xc).mean()
+        ce = torch.nn.functional.cross_entropy(logits, y)
+    return {"post_ce": float(ce), "post_md": float(md)}
+
+
+def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = False):
     """{provider: zero-argument callable doing one online step} for one method."""
     opt_ref = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     opt_fast = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
@@ -78,12 +91,21 @@ def _providers(method: str, scenario: str, model, snaps, x, y):
                 "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
     if method.startswith("DSC"):
         mode = method.split("-")[1]
-        fast = DSC(SnapshotSet(snaps), mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau))
 
         def reference():
             xc, _ = ref.seed_dsc_correct(model, hist, x, y, 0, tau0=tau, tau_slope=0.0, per_sample=mode == "sample")
             ref.seed_train_step(model, opt_ref, xc, y)
-        return {"reference": reference, "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
+        fns = {"reference": reference}
+        for name, precision in VARIANTS.items():
+            if name != "memdisc" and not variants:
+                continue
+            # each variant gets its own copies so a channels-last conversion does not leak into the others
+            m, hs = (model, snaps) if name == "memdisc" else (copy.deepcopy(model), [copy.deepcopy(h) for h in snaps])
+            fast = DSC(SnapshotSet(hs), mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau), precision=precision)
+            opt = torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
+            fns[name] = (lambda f=fast, m=m, o=opt: f.train_step(m, o, x, y, 0))
+            fns[name].correct = (lambda f=fast, m=m: f.correct(m, x, y, 0)[0])
+        return fns
     if method == "craft":
         cfg = AttackConfig()
         n_val = 100
@@ -141,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="ST,AT-seed,DSC-batch,DSC-sample,craft")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", action="store_true", help="also time DSC with channels-last and bf16 autocast")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     prov = provenance(args.device)
@@ -153,31 +176,38 @@ def main(argv=None) -> int:
                     continue  # only DSC depends on K
                 scenarios = ["all", "half"] if method == "DSC-sample" else ["all"]
                 for scenario in scenarios:
-                    fns = _providers(method, scenario, model, snaps, x, y)
+                    fns = _providers(method, scenario, model, snaps, x, y, args.variants)
                     t = _time(fns, args.device, args.repeats)
                     share = kernel_share(fns["memdisc"], args.device) if method.startswith("DSC") else {}
                     base = t["reference"]["median_ms"]
+                    quality = {name: _quality(fn.correct, model, snaps, x, y) for name, fn in fns.items()
+                               if hasattr(fn, "correct")}
                     for provider, stats in t.items():
                         rows.append({"model": model_name, "K": K, "batch": args.batch, "method": method,
                                      "scenario": scenario, "provider": provider, **{k: round(v, 3) for k, v in stats.items()},
                                      "samples_per_s": round(1e3 * args.batch / stats["median_ms"], 1),
                                      "speedup_vs_reference": round(base / stats["median_ms"], 3),
                                      **({k: round(v, 4) for k, v in share.items()} if provider == "memdisc" else {}),
+                                     **{k: round(v, 5) for k, v in quality.get(provider, {}).items()},
                                      **prov})
-                    print(f"{model_name:9s} K={K:<3d} {method:10s} {scenario:5s} reference {base:9.1f} ms  "
-                          f"memdisc {t['memdisc']['median_ms']:9.1f} ms  x{base / t['memdisc']['median_ms']:.2f}",
-                          flush=True)
+                    for provider in t:
+                        if provider != "reference":
+                            print(f"{model_name:9s} K={K:<3d} {method:10s} {scenario:5s} reference {base:9.1f} ms  "
+                                  f"{provider} {t[provider]['median_ms']:9.1f} ms  "
+                                  f"x{base / t[provider]['median_ms']:.2f}", flush=True)
     path = os.path.join(args.out, f"online_step_{args.device}.csv")
     write_csv_atomic(path, rows)
     print(f"\nwritten {path}\n")
-    print(f"{'model':9s} {'K':>3s} {'method':10s} {'scen':5s} {'ref samp/s':>11s} {'memdisc samp/s':>14s} {'speedup':>8s} "
+    print(f"{'model':9s} {'K':>3s} {'method':10s} {'scen':5s} {'variant':14s} {'ref samp/s':>11s} {'memdisc samp/s':>14s} "
+          f"{'speedup':>8s} "
           f"{'kernel share':>12s}")
     for r in rows:
-        if r["provider"] == "memdisc":
+        if r["provider"] != "reference":
             ref_row = next(q for q in rows if q["provider"] == "reference" and
                            (q["model"], q["K"], q["method"], q["scenario"]) == (r["model"], r["K"], r["method"], r["scenario"]))
             share = r.get("kernel_share")
-            print(f"{r['model']:9s} {r['K']:3d} {r['method']:10s} {r['scenario']:5s} {ref_row['samples_per_s']:11.0f} "
+            print(f"{r['model']:9s} {r['K']:3d} {r['method'][:10]:10s} {r['scenario']:5s} {r['provider'][8:] or 'fp32':14s} "
+                  f"{ref_row['samples_per_s']:11.0f} "
                   f"{r['samples_per_s']:14.0f} {r['speedup_vs_reference']:8.2f} "
                   f"{'' if share is None else f'{100 * share:.1f}%':>12s}")
     return 0

@@ -19,10 +19,11 @@ from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT,
 from memdisc.online import OnlineConfig
 from memdisc.ops import discrepancy
 from memdisc.reference import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
-                               seed_train_step)
+                               seed_sample_md, seed_train_step)
 from memdisc.snapshots import SnapshotSet
 
 B = 16
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: faster on busy cores
 
 
 def mlp(seed: int, out_scale: float = 2.0, dtype=torch.float32) -> nn.Module:
@@ -182,11 +183,50 @@ def fixed_tau_between(values: torch.Tensor) -> float:
     return float((v[mid] + v[mid - 1]) / 2)
 
 
-def test_dsc_sample_mode_leaves_rows_under_tau_untouched_and_moves_the_others():
+def second_snapshot(hist: nn.Module) -> nn.Module:
+    """A historical model close to ``hist`` (the two agree on most predictions, not on the probabilities)."""
+    other = copy.deepcopy(hist)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return other
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_dsc_sample_mode_with_k_snapshots_equals_the_seed_port(compact):
+    model, hist, x, y = models_and_batch()
+    hists = [hist, second_snapshot(hist)]
+    # each row's MD (mean over the K = 2 snapshots) before each step when no row ever stops: [10, B]
+    trajectory = torch.stack([
+        seed_sample_md(model, hists, seed_dsc_correct(model, hists, x, y, 0, tau0=-1e9, max_iters=k,
+                                                      per_sample=True)[0]) for k in range(10)])
+    values = trajectory.flatten().sort().values
+    counts = set()
+    for target in (0.9, 1.0, 1.1, 1.25, 1.5, 1.75):
+        # tau halfway between the two trajectory values around the target: no decision on a knife-edge
+        i = int(torch.searchsorted(values, target))
+        tau = float(values[i - 1] + values[i]) / 2
+        assert values[i] - values[i - 1] > 2e-4
+        expected, _ = seed_dsc_correct(model, hists, x, y, 0, tau0=tau, tau_slope=0.0, per_sample=True)
+        # the step at which each row's own MD first falls to tau (10: never)
+        below = torch.cat([trajectory <= tau, torch.ones(1, B, dtype=torch.bool)])
+        stops = below.int().argmax(0)
+        dsc = DSC(SnapshotSet(hists), mode="sample", schedule=ThresholdSchedule("fixed", tau0=tau),
+                  reduce="mean", compact=compact)
+        got, report = dsc.correct(model, x, y, step=0)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert torch.equal(report.iterations, stops), (tau, report.iterations, stops)
+        counts.update(stops.tolist())
+    assert {0, 10} <= counts and len(counts - {0, 10}) >= 5, counts
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_dsc_sample_mode_leaves_rows_under_tau_untouched_and_moves_the_others(compact):
     model, hist, x, y = models_and_batch()
     md0 = per_sample_md(model, hist, x)
     tau = fixed_tau_between(md0)
-    dsc = DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("fixed", tau0=tau))
+    dsc = DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("fixed", tau0=tau), compact=compact)
     x_before = x.clone()
     got, report = dsc.correct(model, x, y, step=7)
     assert torch.equal(x, x_before)  # the received batch is not modified in place
@@ -208,10 +248,14 @@ def test_dsc_early_exit_and_fixed_length_loop_agree(mode):
     model, hist, x, y = models_and_batch()
     snaps = SnapshotSet([hist])
     md0 = per_sample_md(model, hist, x)
+    # the sample rule has a second loop form, "compact" (forward only the rows still moving)
+    compacts = (True, False) if mode == "sample" else ("auto",)
+    variants = [("auto", "auto")] + [(e, c) for e in (True, False) for c in compacts]
     for tau in (fixed_tau_between(md0), float(md0.mean()) - 0.3, 0.1, 10.0):
         outs = []
-        for early_exit in (True, False, "auto"):
-            dsc = DSC(snaps, mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau), early_exit=early_exit)
+        for early_exit, compact in variants:
+            dsc = DSC(snaps, mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau), early_exit=early_exit,
+                      compact=compact)
             outs.append(dsc.correct(model, x, y, step=0))
         for got, report in outs[1:]:
             assert torch.equal(got, outs[0][0])

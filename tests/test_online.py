@@ -198,7 +198,7 @@ def test_a_missing_burnin_dir_is_a_file_not_found_error_naming_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_config_errors_name_the_option(tmp_path):
+def test_config_errors_name_the_option():
     with pytest.raises(ValueError, match="batch_size"):
         OnlineConfig(batch_size=0)
     with pytest.raises(ValueError, match="history_epochs"):

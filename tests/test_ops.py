@@ -74,8 +74,12 @@ def test_discrepancy_float32_matches_float64_reference(device, K, B, C):
         got, got_ga, got_gb = _run_op(current, snapshots, 1.0, reverse, grad)
         assert got.dtype == torch.float32 and got.shape == (K, B)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
-        torch.testing.assert_close(got_ga.double(), want_ga, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got_gb.double(), want_gb, rtol=1e-4, atol=1e-5)
+        # gradients: within 2x the error of the eager float32 reference (cancellation in log p_h - log p_t - kl)
+        a, b = current.clone().requires_grad_(), snapshots.clone().requires_grad_()
+        (discrepancy_reference(a, b, 1.0, reverse)[0] * grad).sum().backward()
+        for g, e, w in ((got_ga, a.grad, want_ga), (got_gb, b.grad, want_gb)):
+            assert torch.isfinite(g).all()
+            assert _err(g, w) <= 2 * _err(e, w) + 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -91,7 +95,7 @@ def test_discrepancy_temperature_float64_exact(device, reverse):
 
 
 def _err(x, ref):
-    return (x.double() - ref).abs().max().item()
+    return (x.double() - ref).abs().max().item() if x.numel() else 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -311,7 +315,8 @@ def test_pgd_step_bad_arguments(kw, match):
 # ----------------------------------------------------------------------------- loader fallback and ISA variants
 
 def _python(code, **env):
-    full_env = {k: v for k, v in os.environ.items() if k != "MEMDISC_REQUIRE_EXTENSION"} | env
+    drop = ("MEMDISC_REQUIRE_EXTENSION", "MEMDISC_DISABLE_EXTENSION", "MEMDISC_CPU_ISA")
+    full_env = {k: v for k, v in os.environ.items() if k not in drop} | env
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=120)
 

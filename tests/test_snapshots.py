@@ -12,6 +12,8 @@ from memdisc.models import build_model
 from memdisc.ops import discrepancy
 from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: faster on busy cores
+
 
 def make_cnn(seed: int, num_classes: int = 10) -> torch.nn.Module:
     """A BatchNorm CNN with non-trivial running statistics (so eval mode differs from train mode)."""
