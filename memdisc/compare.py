@@ -83,7 +83,8 @@ def load_compare_config(toml_path: Path | None = None, overrides: dict[str, Any]
     out = Path(cfg.out)
     cfg.burnin = dataclasses.replace(cfg.burnin, dataset=cfg.dataset, data_dir=cfg.data_dir, model=cfg.model,
                                      seed=cfg.seed, device=cfg.device, out=str(out / "burnin"))
-    cfg.online = dataclasses.replace(cfg.online, burnin=str(out / "burnin"), seed=cfg.seed, device=cfg.device)
+    cfg.online = dataclasses.replace(cfg.online, burnin=str(out / "burnin"), seed=cfg.seed, device=cfg.device,
+                                     out=str(out / "runs"))
     return cfg
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdisc.ops import pgd_step_
-from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
+from memdisc.snapshots import SnapshotSet, discrepancy_scores, reduce_over_snapshots
 
 
 @dataclasses.dataclass
@@ -36,6 +36,17 @@ class BatchReport:
     moved: torch.Tensor
     iterations: torch.Tensor
     threshold: float | None = None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the block; its previous mode is restored, also on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -148,20 +159,18 @@ class _PGDCorrection(Defense):
 
     def correct(self, model, x, y, step):
         _check_batch(x, y)
-        was_training = model.training
-        model.eval()
         self.precision.prepare(model)
-        with self.precision.context(x.device):
-            ctx = self.setup(model, self.precision.input(x), y)
         x_adv = x.detach().clone()
-        for _ in range(self.iters):
-            x_adv.requires_grad_(True)
+        with eval_mode(model):
             with self.precision.context(x.device):
-                loss = self.loss(model, model(self.precision.input(x_adv)), x, y, ctx)
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach()
-            pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, descent=self.descent)
-        model.train(was_training)
+                ctx = self.setup(model, self.precision.input(x), y)
+            for _ in range(self.iters):
+                x_adv.requires_grad_(True)
+                with self.precision.context(x.device):
+                    loss = self.loss(model, model(self.precision.input(x_adv)), x, y, ctx)
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                x_adv = x_adv.detach()
+                pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, descent=self.descent)
         iters = torch.full((x.shape[0],), self.iters, dtype=torch.long, device=x.device)
         return x_adv, BatchReport(md=None, moved=iters > 0, iterations=iters)
 
@@ -287,12 +296,7 @@ class DSC(Defense):
 
     def scores(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Per-sample discrepancy ``[B]`` of the model (eval mode) to the snapshots on x, no grad."""
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            md = reduce_over_snapshots(self.snapshots.discrepancy(model(x), x, self.temperature), self.reduce)
-        model.train(was_training)
-        return md
+        return discrepancy_scores(model, self.snapshots, x, self.reduce, self.temperature)
 
     def calibrate(self, model: nn.Module, step: int, batch_size: int) -> None:
         """Re-measure the calibrated threshold on the held-out clean data if it is due
@@ -310,43 +314,41 @@ class DSC(Defense):
         on_cpu = x.device.type == "cpu"
         early_exit = on_cpu if self.early_exit == "auto" else bool(self.early_exit)
         compact = self.mode == "sample" and (on_cpu if self.compact == "auto" else bool(self.compact))
-        was_training = model.training
-        model.eval()
         B = x.shape[0]
         active = torch.ones(B, dtype=torch.bool, device=x.device)
         rows = torch.arange(B, device=x.device)  # compact mode: the rows still moving
         iterations = torch.zeros(B, dtype=torch.long, device=x.device)
         x_adv = x.detach().clone()
         md_received = None
-        for _ in range(self.iters):
-            xs = (x_adv[rows] if compact else x_adv).requires_grad_(True)
-            with self.precision.context(x.device):
-                xin = self.precision.input(xs)
-                logits = model(xin)
-                md = reduce_over_snapshots(
-                    self.snapshots.discrepancy(logits.detach(), xin.detach(), self.temperature), self.reduce)
-            if md_received is None:
-                md_received = md
-            if compact:  # forward/backward only the rows that still move (per-sample rule)
-                keep = md > tau
-                if not bool(keep.any()):
+        with eval_mode(model):
+            for _ in range(self.iters):
+                xs = (x_adv[rows] if compact else x_adv).requires_grad_(True)
+                with self.precision.context(x.device):
+                    xin = self.precision.input(xs)
+                    logits = model(xin)
+                    md = reduce_over_snapshots(
+                        self.snapshots.discrepancy(logits.detach(), xin.detach(), self.temperature), self.reduce)
+                if md_received is None:
+                    md_received = md
+                if compact:  # forward/backward only the rows that still move (per-sample rule)
+                    keep = md > tau
+                    if not bool(keep.any()):
+                        break
+                    (grad,) = torch.autograd.grad(F.cross_entropy(logits[keep], y[rows[keep]], reduction="sum"), xs)
+                    rows = rows[keep]
+                    moved = xs.detach()[keep]
+                    pgd_step_(moved, grad[keep], x[rows], step=self.step_size, eps=self.eps, descent=True)
+                    x_adv[rows] = moved
+                    iterations[rows] += 1
+                    continue
+                over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
+                active &= over
+                if early_exit and not bool(active.any()):
                     break
-                (grad,) = torch.autograd.grad(F.cross_entropy(logits[keep], y[rows[keep]], reduction="sum"), xs)
-                rows = rows[keep]
-                moved = xs.detach()[keep]
-                pgd_step_(moved, grad[keep], x[rows], step=self.step_size, eps=self.eps, descent=True)
-                x_adv[rows] = moved
-                iterations[rows] += 1
-                continue
-            over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
-            active &= over
-            if early_exit and not bool(active.any()):
-                break
-            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs)
-            x_adv = xs.detach()
-            pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, active=active, descent=True)
-            iterations += active
-        model.train(was_training)
+                (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs)
+                x_adv = xs.detach()
+                pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, active=active, descent=True)
+                iterations += active
         if md_received is None:
             md_received = self.scores(model, x)
         return x_adv.detach(), BatchReport(md=md_received, moved=iterations > 0, iterations=iterations,

@@ -34,7 +34,7 @@ from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT,
                                ThresholdSchedule)
 from memdisc.evaluate import error_rate
 from memdisc.metrics import detection_summary
-from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
+from memdisc.snapshots import SnapshotSet, discrepancy_scores
 
 
 @dataclasses.dataclass
@@ -181,13 +181,8 @@ class OnlineRun:
         return load_snapshot(path)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample MD ``[B]`` of the current model (eval mode) on x, reduced over the snapshots."""
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            md = self.snapshots.discrepancy(self.model(x), x)
-        self.model.train(was_training)
-        return reduce_over_snapshots(md, self.cfg.dsc.reduce)
+        """Per-sample MD ``[B]`` of the current model on x, reduced over the snapshots."""
+        return discrepancy_scores(self.model, self.snapshots, x, self.cfg.dsc.reduce)
 
 
 def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:

@@ -117,6 +117,19 @@ class SnapshotSet:
         return discrepancy(current_logits, snap.to(current_logits.dtype), temperature)
 
 
+@torch.no_grad()
+def discrepancy_scores(model: nn.Module, snapshots: SnapshotSet, x: torch.Tensor, reduce: str | int = "mean",
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample poison score ``[B]``: the MD of ``model`` (in eval mode, restored after)
+    against the snapshots on x, reduced over the K snapshots."""
+    was_training = model.training
+    model.eval()
+    try:
+        return reduce_over_snapshots(snapshots.discrepancy(model(x), x, temperature), reduce)
+    finally:
+        model.train(was_training)
+
+
 def reduce_over_snapshots(md: torch.Tensor, how: str | int = "mean") -> torch.Tensor:
     """Reduce ``[K, B]`` discrepancies to ``[B]``: "mean", "max", "min" or a slot index."""
     if isinstance(how, int) and not isinstance(how, bool):  # True would index as a new axis
