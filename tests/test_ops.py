@@ -152,7 +152,9 @@ def test_discrepancy_extreme_logits(device, dtype):
         kl.sum().backward()
         assert torch.isfinite(kl).all() and (kl >= -1e-3).all()
         assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
-        torch.testing.assert_close(kl.double(), _oracle(current, snapshots, reverse=reverse)[0], rtol=1e-5, atol=1e-2)
+        want = _oracle(current, snapshots, reverse=reverse)[0]
+        eager = discrepancy_reference(current, snapshots, 1.0, reverse)[0]
+        assert _err(kl, want) <= 2 * _err(eager, want) + 1e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)
