@@ -36,7 +36,7 @@ from memdisc.reference import seed as ref  # noqa: E402
 from memdisc.snapshots import SnapshotSet  # noqa: E402
 
 SHAPES = {"cnn": (1, 28, 10), "resnet18": (3, 32, 10)}  # channels, side, classes
-VARIANTS = {"memdisc": Precision(), "memdisc-channels_last": Precision(channels_last=True),
+VARIANTS = {"memdisc-nchw": Precision(channels_last=False), "memdisc": Precision(),
             "memdisc-bf16": Precision(autocast="bfloat16")}
 
 

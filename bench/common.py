@@ -12,7 +12,6 @@ import csv
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 from typing import Callable, Dict, List, Sequence
 
@@ -25,6 +24,7 @@ def provenance(device: str) -> Dict[str, str]:
     """Device name, versions, git commit (with a '+dirty' mark) and CPU count for every CSV row."""
     import memdisc
     import memdisc.ops as ops
+    from memdisc.artifacts import git_commit
 
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -35,14 +35,7 @@ def provenance(device: str) -> Dict[str, str]:
                 name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = git_commit()
     isa = torch.ops.memdisc.cpu_isa() if ops.extension_loaded() and hasattr(torch.ops.memdisc, "cpu_isa") else "n/a"
     return {"device": device, "device_name": name, "torch": torch.__version__, "memdisc": memdisc.__version__,
             "extension": str(ops.extension_loaded()), "cpu_isa": isa, "commit": commit,

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memdisc.config import field
 from memdisc.ops import pgd_step_
 
 __all__ = ["NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment", "accumulative_direction",
@@ -230,30 +231,26 @@ def accumulative_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x
                           terms=terms)
 
 
-def _field(default, help: str):  # noqa: A002 - "help" is the metadata key memdisc.config reads
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class AttackConfig:
     """Options of the accumulative attack (seed defaults: eps 0.2, C = 2, alpha = 0.2, gamma 1, eval mode)."""
 
-    eps: float = _field(0.2, "L-inf radius of the accumulative poison")
-    steps: int = _field(2, "signed steps C per accumulative batch")
-    step_size: float = _field(0.2, "accumulative step size alpha")
-    trigger_eps: float | None = _field(None, "L-inf radius of the poisoned trigger (None: eps)")
-    trigger_steps: int | None = _field(None, "signed steps of the trigger crafting (None: steps)")
-    trigger_step_size: float | None = _field(None, "trigger step size (None: 2 * trigger_eps / trigger_steps)")
-    gamma: float = _field(1.0, "weight of the clean-gradient term of H")
-    terms: str = _field("both", "terms of H: both, first (gamma term only) or second (G_t term only)")
-    poison_scale: float = _field(1.0, "poisoned fraction of each batch: round((1 - poison_scale) * B) rows "
+    eps: float = field(0.2, "L-inf radius of the accumulative poison")
+    steps: int = field(2, "signed steps C per accumulative batch")
+    step_size: float = field(0.2, "accumulative step size alpha")
+    trigger_eps: float | None = field(None, "L-inf radius of the poisoned trigger (None: eps)")
+    trigger_steps: int | None = field(None, "signed steps of the trigger crafting (None: steps)")
+    trigger_step_size: float | None = field(None, "trigger step size (None: 2 * trigger_eps / trigger_steps)")
+    gamma: float = field(1.0, "weight of the clean-gradient term of H")
+    terms: str = field("both", "terms of H: both, first (gamma term only) or second (G_t term only)")
+    poison_scale: float = field(1.0, "poisoned fraction of each batch: round((1 - poison_scale) * B) rows "
                                       "stay clean")
-    clean_rows: str = _field("per_step", "which rows stay clean: per_step (drawn from (seed, step)) or fixed "
+    clean_rows: str = field("per_step", "which rows stay clean: per_step (drawn from (seed, step)) or fixed "
                                          "(one draw for every batch and the trigger, as the seed code)")
-    reset_clean_rows: bool = _field(False, "seed behaviour: craft every row, then reset the clean rows "
+    reset_clean_rows: bool = field(False, "seed behaviour: craft every row, then reset the clean rows "
                                            "(False: the clean rows are held fixed while crafting)")
-    recraft_trigger: bool = _field(False, "re-craft the poisoned trigger from the clean one at every step")
-    crafting_mode: str = _field("eval", "model mode while crafting: eval (seed) or train")
+    recraft_trigger: bool = field(False, "re-craft the poisoned trigger from the clean one at every step")
+    crafting_mode: str = field("eval", "model mode while crafting: eval (seed) or train")
 
     def __post_init__(self):
         _number("eps", self.eps, minimum=0.0)

@@ -80,7 +80,8 @@ class OnlineConfig:
     eval_size: int = field(1000, "test samples evaluated after every step")
     val_size: int = field(500, "attacker's validation batch S_val (from the test set)")
     heldout_size: int = field(500, "defender's clean held-out training samples (DSC calibration)")
-    channels_last: bool = field(False, "run the correction loops' model passes in channels-last memory format")
+    channels_last: str = field("auto", "channels-last memory format for the correction loops: true, false, "
+                                       "or auto (on CPU)")
     autocast: str | None = field(None, "autocast dtype of the correction loops' model passes: bfloat16, float16")
     repeat_first: bool = field(False, "seed behaviour: the stream repeats the first batch every step")
     checkpoint_every: int = field(10, "save resumable state every N steps")
@@ -125,7 +126,8 @@ def _split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
 def build_defense(cfg: OnlineConfig, snapshots: SnapshotSet, heldout) -> Defense:
     """The defence named by ``cfg.defense``."""
     b, d = cfg.baselines, cfg.dsc
-    precision = Precision(cfg.channels_last, cfg.autocast)
+    precision = Precision({"true": True, "false": False}.get(cfg.channels_last.lower(), cfg.channels_last),
+                          cfg.autocast)
     if cfg.defense == "ST":
         return Defense()
     if cfg.defense == "GC":
@@ -164,6 +166,7 @@ class OnlineRun:
                    for e in _int_list("history_epochs", cfg.history_epochs)]
         self.snapshots = SnapshotSet(history, tuple(_int_list("ring_lags", cfg.ring_lags))).to(dev)
         self.defense = build_defense(cfg, self.snapshots, self.heldout)
+        self.defense.prepare(self.model, self.heldout[0][:1])  # formats fixed before any step (exact resume)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.attack = None

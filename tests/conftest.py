@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from formats import idx_bytes
+
 TINY_TRAIN, TINY_TEST, TINY_CLASSES = 512, 256, 10
 
 
 def _idx_gz(array: np.ndarray) -> bytes:
-    """Gzipped IDX encoding of a uint8 array: 00 00 08 <ndim>, big-endian uint32 dims, raw bytes."""
-    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    return gzip.compress(idx_bytes(array))
 
 
 @pytest.fixture(scope="session")

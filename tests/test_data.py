@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from formats import idx_bytes
 
 import memdisc.data.datasets as datasets_module
 from memdisc.data import (DATASETS, BatchStream, DatasetFormatError, DatasetNotFoundError, ImageDataset,
@@ -22,12 +23,6 @@ REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # ----------------------------------------------------------------------------------------------------------
 # Writers of small files in each standard format
 # ----------------------------------------------------------------------------------------------------------
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX encoding of a uint8 array: 00 00 08 <ndim>, big-endian int32 dims, raw bytes."""
-    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
     data = idx_bytes(array)
