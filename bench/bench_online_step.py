@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                             print(f"{model_name:9s} K={K:<3d} {method:10s} {scenario:5s} reference {base:9.1f} ms  "
                                   f"{provider} {t[provider]['median_ms']:9.1f} ms  "
                                   f"x{base / t[provider]['median_ms']:.2f}", flush=True)
-    path = os.path.join(args.out, f"online_step_{args.device}.csv")
+    path = os.path.join(args.out, f"online_step_{args.device}_{args.models.replace(',', '-')}.csv")
     write_csv_atomic(path, rows)
     print(f"\nwritten {path}\n")
     print(f"{'model':9s} {'K':>3s} {'method':10s} {'scen':5s} {'variant':14s} {'ref samp/s':>11s} {'memdisc samp/s':>14s} "

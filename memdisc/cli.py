@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (config_factory, help_text, _) in _commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config_factory is not None:
-            add_config_arguments(p, config_factory())
+            hidden = frozenset()
+            if name == "compare":
+                from memdisc.compare import SHARED_FIELDS as hidden
+            add_config_arguments(p, config_factory(), hidden=hidden)
     return parser
 
 

@@ -66,6 +66,11 @@ class CompareConfig:
         return [d.strip() for d in self.defenses.split(",") if d.strip()]
 
 
+# Options of the sections that compare sets itself (from its top-level options); not flags of compare.
+SHARED_FIELDS = frozenset({f"burnin.{n}" for n in ("dataset", "data_dir", "model", "seed", "device", "out")}
+                          | {f"online.{n}" for n in ("burnin", "defense", "control", "seed", "device", "out")})
+
+
 def _preset_name(values: dict[str, Any]) -> str:
     name = values.get("preset", "auto")
     if name == "auto":

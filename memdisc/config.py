@@ -51,14 +51,18 @@ def _fields(cls: type):
         yield f, hints[f.name]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add ``--config FILE`` (top level only) and one flag per (nested) dataclass field."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                         hidden: frozenset[str] = frozenset(), path: str = "") -> None:
+    """Add ``--config FILE`` (top level only) and one flag per (nested) dataclass field,
+    except the fields named in ``hidden`` (dotted paths such as ``"burnin.seed"``)."""
     if not prefix:
         parser.add_argument("--config", type=Path, default=None,
                             help="TOML file with option values (flags override it)")
     for f, tp in _fields(cls):
+        if path + f.name in hidden:
+            continue
         if dataclasses.is_dataclass(tp):
-            add_config_arguments(parser, tp, prefix + f.name + "_")
+            add_config_arguments(parser, tp, prefix + f.name + "_", hidden, path + f.name + ".")
             continue
         tp, _ = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
