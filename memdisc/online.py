@@ -18,6 +18,7 @@ Accumulation stops when the error exceeds the stop threshold or after
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -194,10 +195,10 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     result_path = out / "result.json"
     state_path = out / "state.pt"
     if result_path.exists():
-        import json
         done = json.loads(result_path.read_text())
-        if done.get("config") == to_dict(cfg):
-            return done
+        if done.get("config") != to_dict(cfg):
+            raise ValueError(f"out: {out} holds a finished run with another configuration; use another --out")
+        return done
     run = OnlineRun(cfg)
     model, opt, attack, defense = run.model, run.optimizer, run.attack, run.defense
     log = {"step": [], "test_error": [], "md_poisoned": [], "md_clean": [], "corrected_fraction": [],
