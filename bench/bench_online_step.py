@@ -76,19 +76,29 @@ def _quality(correct, model, snaps, x, y) -> dict:
 
 
 def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = False):
-    """{provider: zero-argument callable doing one online step} for one method."""
+    """{provider: zero-argument callable doing one online step} for one method.
+
+    The reference runs on ``model`` and ``snaps`` as given; every memdisc provider gets
+    its own copies, so a memory-format conversion of one provider never reaches another.
+    """
     opt_ref = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    opt_fast = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     tau = -1.0 if scenario == "all" else _median_md(model, snaps, x)
     hist = snaps if len(snaps) > 1 else snaps[0]
+
+    def copies():
+        m = copy.deepcopy(model)
+        return m, [copy.deepcopy(h) for h in snaps], torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
+
     if method == "ST":
+        m, _, opt = copies()
         fast = Defense()
         return {"reference": lambda: ref.seed_train_step(model, opt_ref, x, y),
-                "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
+                "memdisc": lambda: fast.train_step(m, opt, x, y, 0)}
     if method == "AT-seed":
+        m, _, opt = copies()
         fast = SeedAT()
         return {"reference": lambda: ref.seed_train_step(model, opt_ref, ref.seed_at_correct(model, x, y), y),
-                "memdisc": lambda: fast.train_step(model, opt_fast, x, y, 0)}
+                "memdisc": lambda: fast.train_step(m, opt, x, y, 0)}
     if method.startswith("DSC"):
         mode = method.split("-")[1]
 
@@ -99,23 +109,22 @@ def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = 
         for name, precision in VARIANTS.items():
             if name != "memdisc" and not variants:
                 continue
-            # each variant gets its own copies so a channels-last conversion does not leak into the others
-            m, hs = (model, snaps) if name == "memdisc" else (copy.deepcopy(model), [copy.deepcopy(h) for h in snaps])
+            m, hs, opt = copies()
             fast = DSC(SnapshotSet(hs), mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau), precision=precision)
-            opt = torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
             fns[name] = (lambda f=fast, m=m, o=opt: f.train_step(m, o, x, y, 0))
             fns[name].correct = (lambda f=fast, m=m: f.correct(m, x, y, 0)[0])
         return fns
     if method == "craft":
+        m, _, _ = copies()
         cfg = AttackConfig()
         n_val = 100
         attack = AccumulativeAttack(cfg, x, y, x[:n_val].flip(0).contiguous(), y[:n_val].flip(0).contiguous(), seed=0)
-        attack.prepare(model)
-        x_trig, y_trig = attack.trigger_batch(model)
+        attack.prepare(m)
+        x_trig, y_trig = attack.trigger_batch(m)
         return {"reference": lambda: ref.seed_craft_accumulative(
                     model, x, y, x_trig, y_trig, attack.x_val, attack.y_val, eps=cfg.eps, steps=cfg.steps,
                     step_size=cfg.step_size, gamma=cfg.gamma),
-                "memdisc": lambda: attack.poison(model, x, y, 0)}
+                "memdisc": lambda: attack.poison(m, x, y, 0)}
     raise ValueError(f"method: unknown {method!r}")
 
 
