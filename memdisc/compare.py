@@ -9,6 +9,9 @@ Run directory::
     OUT/results.md              the comparison table and notes
     OUT/*.png                   error curves, discrepancy histograms, ROC curves
 
+With ``--repeats N`` each seed gets that layout under ``OUT/seed-S/`` and
+``OUT/summary.json`` / ``OUT/summary.md`` hold mean ± std over the seeds.
+
 Presets set defaults that suit a set-up; TOML values and flags override them:
 
 * ``cpu-demo``: Fashion-MNIST and the small CNN on two CPU cores (the default):
@@ -24,7 +27,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from memdisc.artifacts import provenance, write_json
+import numpy as np
+
+from memdisc.artifacts import atomic_write_text, provenance, write_json
 from memdisc.burnin import BurninConfig, resolve_device, run_burnin
 from memdisc.config import build, field, merge, read_toml, section, to_dict
 from memdisc.defenses import DEFENSES
@@ -52,7 +57,9 @@ class CompareConfig:
     model: str = field("cnn", "model name: cnn, resnet18")
     preset: str = field("auto", "defaults: cpu-demo, seed-cifar10, or auto (seed-cifar10 for cifar10+resnet18)")
     defenses: str = field(",".join(DEFENSES), "comma list of defences to compare (the control always runs)")
-    seed: int = field(0, "random seed of every phase")
+    seed: int = field(0, "random seed of every phase (the first seed with --repeats)")
+    repeats: int = field(1, "independent repetitions with seeds seed, seed+1, ...: each in OUT/seed-N with its own "
+                            "burn-in, plus a summary over seeds")
     device: str = field("auto", "cpu, cuda or auto")
     out: str | None = field(None, "run directory (default: runs/compare-DATASET-MODEL-sSEED)")
     burnin: BurninConfig = section(BurninConfig, "burn-in options (dataset, model, seed, device, out come from above)")
@@ -62,6 +69,8 @@ class CompareConfig:
         unknown = [d for d in self.defense_list if d not in DEFENSES]
         if unknown:
             raise ValueError(f"defenses: unknown {unknown}; expected names from {', '.join(DEFENSES)}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats: expected >= 1, got {self.repeats}")
         if self.out is None:
             self.out = f"runs/compare-{self.dataset}-{self.model}-s{self.seed}"
 
@@ -88,7 +97,11 @@ def load_compare_config(toml_path: Path | None = None, overrides: dict[str, Any]
     """Defaults < preset < TOML < flags; the burn-in and online sections get the shared top-level values."""
     values = merge(read_toml(toml_path), overrides or {})
     values = merge(PRESETS[_preset_name(values)], values)
-    cfg = build(CompareConfig, values)
+    return _propagate(build(CompareConfig, values))
+
+
+def _propagate(cfg: CompareConfig) -> CompareConfig:
+    """Give the burn-in and online sections the shared top-level values."""
     out = Path(cfg.out)
     cfg.burnin = dataclasses.replace(cfg.burnin, dataset=cfg.dataset, data_dir=cfg.data_dir, model=cfg.model,
                                      seed=cfg.seed, device=cfg.device, out=str(out / "burnin"))
@@ -98,6 +111,74 @@ def load_compare_config(toml_path: Path | None = None, overrides: dict[str, Any]
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
+    """One comparison per seed (see the module docstring); returns the results (or the summary over seeds)."""
+    if cfg.repeats == 1:
+        return _run_one_seed(cfg, progress)
+    per_seed = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.repeats):
+        if progress:
+            print(f"=== seed {seed} ({seed - cfg.seed + 1}/{cfg.repeats}) ===")
+        sub = _propagate(dataclasses.replace(cfg, seed=seed, repeats=1, out=str(Path(cfg.out) / f"seed-{seed}")))
+        per_seed[seed] = _run_one_seed(sub, progress)
+    summary = summarize_seeds(per_seed)
+    summary["config"] = to_dict(cfg)
+    summary["provenance"] = provenance(cfg.seed, resolve_device(cfg.device))
+    write_json(Path(cfg.out) / "summary.json", summary)
+    path = atomic_write_text(Path(cfg.out) / "summary.md", summary_markdown(summary))
+    if progress:
+        print(path.read_text())
+    return summary
+
+
+def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per run name, the per-seed values and their mean and standard deviation over seeds."""
+    metrics = {
+        "error_before_trigger": lambda res, r: r["error_before_trigger"],
+        "error_after_trigger": lambda res, r: r["error_after_trigger"],
+        "error_delta": lambda res, r: r["error_delta"],
+        "attack_effect": lambda res, r: res["attack_effect"].get(r["name"]),
+        "steps_run": lambda res, r: r["steps_run"],
+        "auroc_sample": lambda res, r: (r["detection"]["per_sample"] or {}).get("auroc"),
+        "auroc_batch": lambda res, r: (r["detection"]["per_batch"] or {}).get("auroc"),
+    }
+    first = next(iter(per_seed.values()))
+    runs = {}
+    for name in first["runs"]:
+        runs[name] = {}
+        for metric, get in metrics.items():
+            values = [get(res, {**res["runs"][name], "name": name}) for res in per_seed.values()]
+            values = [v for v in values if v is not None]
+            arr = np.asarray(values, dtype=float)
+            runs[name][metric] = {"values": values, "mean": float(arr.mean()) if values else None,
+                                  "std": float(arr.std(ddof=1)) if len(values) > 1 else None}
+    return {"seeds": list(per_seed), "runs": runs}
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary over seeds as a Markdown table: mean ± std (per-seed values)."""
+    def cell(m, scale=100.0, fmt="{:+.2f}"):
+        if m["mean"] is None:
+            return "n/a"
+        std = "" if m["std"] is None else f" ± {scale * m['std']:.2f}"
+        return fmt.format(scale * m["mean"]) + std
+
+    seeds = summary["seeds"]
+    lines = [f"# Comparison over seeds {', '.join(map(str, seeds))}", "",
+             "Mean ± standard deviation over seeds (each seed: its own burn-in, stream, splits and attack).",
+             "Attack effect = the run's trigger error delta minus the no-attack control's, in points.", "",
+             "| run | err before trigger % | err after trigger % | Δ err (pp) | attack effect (pp) | per-seed effect (pp) "
+             "| steps | AUROC (sample) | AUROC (batch) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in summary["runs"].items():
+        per_seed = ", ".join(f"{100 * v:+.1f}" for v in r["attack_effect"]["values"]) or "n/a"
+        lines.append(f"| {name} | {cell(r['error_before_trigger'], fmt='{:.2f}')} | "
+                     f"{cell(r['error_after_trigger'], fmt='{:.2f}')} | {cell(r['error_delta'])} | "
+                     f"{cell(r['attack_effect'])} | {per_seed} | {cell(r['steps_run'], 1.0, '{:.1f}')} | "
+                     f"{cell(r['auroc_sample'], 1.0, '{:.3f}')} | {cell(r['auroc_batch'], 1.0, '{:.3f}')} |")
+    lines += ["", "Per-seed tables, plots and every number: `seed-N/results.md`, `seed-N/results.json`."]
+    return "\n".join(lines) + "\n"
+
+
+def _run_one_seed(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Burn-in, control + every defence, results.json and the report.  Returns the results dict."""
     out = Path(cfg.out)
     device = resolve_device(cfg.device)

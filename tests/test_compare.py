@@ -124,3 +124,31 @@ def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("memdisc compare: error: defenses: unknown ['Nope']"), proc.stderr
     assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_repeats_run_each_seed_and_summarise_over_seeds(tiny_fashion_mnist, single_thread, tmp_path):
+    out = tmp_path / "rep"
+    cfg = load_compare_config(overrides={
+        "data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu", "out": str(out), "seed": 3,
+        "repeats": 2, "burnin": {"epochs": 1},
+        "online": {"history_epochs": "1", "batch_size": 32, "max_steps": 2, "eval_size": 100, "val_size": 32,
+                   "heldout_size": 64}})
+    summary = run_compare(cfg, progress=False)
+    assert summary["seeds"] == [3, 4]
+    per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (3, 4)]
+    assert [r["config"]["seed"] for r in per_seed] == [3, 4]
+    assert per_seed[0]["runs"]["ST"]["config"]["seed"] == 3 and per_seed[1]["runs"]["ST"]["config"]["seed"] == 4
+    effect = summary["runs"]["ST"]["attack_effect"]
+    expected = [r["attack_effect"]["ST"] for r in per_seed]
+    assert effect["values"] == expected
+    assert effect["mean"] == pytest.approx(sum(expected) / 2)
+    assert effect["std"] == pytest.approx(abs(expected[0] - expected[1]) / 2 ** 0.5)
+    assert summary["runs"]["control"]["attack_effect"]["mean"] is None
+    assert json.loads((out / "summary.json").read_text())["runs"]["ST"]["attack_effect"]["values"] == expected
+    table = (out / "summary.md").read_text()
+    assert "| ST |" in table and "| control |" in table and f"{100 * expected[0]:+.1f}" in table
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(ValueError, match="repeats"):
+        load_compare_config(overrides={"repeats": 0})
