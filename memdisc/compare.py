@@ -120,9 +120,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
             print(f"=== seed {seed} ({seed - cfg.seed + 1}/{cfg.repeats}) ===")
         sub = _propagate(dataclasses.replace(cfg, seed=seed, repeats=1, out=str(Path(cfg.out) / f"seed-{seed}")))
         per_seed[seed] = _run_one_seed(sub, progress)
-    summary = summarize_seeds(per_seed)
-    summary["config"] = to_dict(cfg)
-    summary["provenance"] = provenance(cfg.seed, resolve_device(cfg.device))
+    summary = {**summarize_seeds(per_seed), "config": to_dict(cfg),
+               "provenance": provenance(cfg.seed, resolve_device(cfg.device))}
     write_json(Path(cfg.out) / "summary.json", summary)
     path = atomic_write_text(Path(cfg.out) / "summary.md", summary_markdown(summary))
     if progress:
@@ -174,7 +173,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"{cell(r['error_after_trigger'], fmt='{:.2f}')} | {cell(r['error_delta'])} | "
                      f"{cell(r['attack_effect'])} | {per_seed} | {cell(r['steps_run'], 1.0, '{:.1f}')} | "
                      f"{cell(r['auroc_sample'], 1.0, '{:.3f}')} | {cell(r['auroc_batch'], 1.0, '{:.3f}')} |")
-    lines += ["", "Per-seed tables, plots and every number: `seed-N/results.md`, `seed-N/results.json`."]
+    prov, cfg = summary.get("provenance", {}), summary.get("config", {})
+    lines += ["", "Per-seed tables, plots and every number: `seed-N/results.md`, `seed-N/results.json`.",
+              f"Dataset {cfg.get('dataset')}, model {cfg.get('model')}; memdisc {prov.get('memdisc')}, "
+              f"torch {prov.get('torch')}, commit `{prov.get('commit')}`, device {prov.get('device')}."]
     return "\n".join(lines) + "\n"
 
 
