@@ -4,7 +4,8 @@
 #   2. check that the CUDA kernels are registered, and compare them with the
 #      PyTorch reference on a few shapes and dtypes (cuda_smoke.log);
 #   3. run the whole pytest suite with MEMDISC_REQUIRE_EXTENSION=1;
-#   4. run bench/bench_kernels.py --out OUT_DIR.
+#   4. run bench/bench_kernels.py --out OUT_DIR;
+#   5. run bench/bench_online_step.py --device cuda --variants --out OUT_DIR.
 # Logs go to OUT_DIR (build.log, env.txt, cuda_smoke.log, pytest.log, pytest.xml,
 # bench.log, summary.txt).  Exits non-zero if the build, the smoke check, the
 # tests or the benchmark fail; a failed build stops the run.
@@ -149,6 +150,16 @@ if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_kernels.py --out "$OUT" 2>&
   record "bench: ok ($((SECONDS - start)) s)"
 else
   record "bench: FAILED (see bench.log)"
+  status=1
+fi
+
+step "online-step benchmark (bench/bench_online_step.py --device cuda --variants) -> $OUT/bench_online.log"
+start=$SECONDS
+if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_online_step.py --device cuda --variants --out "$OUT" 2>&1 \
+    | tee "$OUT/bench_online.log"; then
+  record "bench_online: ok ($((SECONDS - start)) s)"
+else
+  record "bench_online: FAILED (see bench_online.log)"
   status=1
 fi
 

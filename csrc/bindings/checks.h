@@ -32,6 +32,16 @@ inline void check_discrepancy_args(const at::Tensor& current, const at::Tensor& 
   TORCH_CHECK(temperature > 0, "memdisc: temperature must be > 0, got ", temperature);
 }
 
+// A tensor saved by the forward (or the upstream gradient), checked for shape and
+// device, as the accumulator dtype and contiguous.
+inline at::Tensor saved_row_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                                   const at::Tensor& like, at::ScalarType acc) {
+  TORCH_CHECK(t.sizes() == shape, "memdisc: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "memdisc: ", name, " is on ", t.device(), " but current is on ",
+              like.device());
+  return t.to(acc).contiguous();
+}
+
 inline void check_pgd_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
                            const c10::optional<at::Tensor>& active, double eps) {
   MEMDISC_CHECK_FLOATING(x);

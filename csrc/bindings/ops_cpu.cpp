@@ -56,10 +56,10 @@ std::tuple<at::Tensor, at::Tensor> discrepancy_backward_cpu(const at::Tensor& gr
   const at::Tensor snapshots = snapshots_in.contiguous();
   const int64_t K = snapshots.size(0), B = current.size(0), C = current.size(1);
   const auto acc = acc_dtype(current.scalar_type());
-  TORCH_CHECK(grad_kl_in.sizes() == at::IntArrayRef({K, B}), "memdisc: grad_kl must be [K, B], got ", grad_kl_in.sizes());
-  const at::Tensor grad_kl = grad_kl_in.to(acc).contiguous();
-  const at::Tensor lse_cur = lse_cur_in.to(acc).contiguous(), lse_snap = lse_snap_in.to(acc).contiguous();
-  const at::Tensor kl = kl_in.to(acc).contiguous();
+  const at::Tensor grad_kl = saved_row_tensor(grad_kl_in, "grad_kl", {K, B}, current, acc);
+  const at::Tensor lse_cur = saved_row_tensor(lse_cur_in, "lse_current", {B}, current, acc);
+  const at::Tensor lse_snap = saved_row_tensor(lse_snap_in, "lse_snapshots", {K, B}, current, acc);
+  const at::Tensor kl = saved_row_tensor(kl_in, "kl", {K, B}, current, acc);
   at::Tensor grad_current = at::empty_like(current), grad_snapshots = at::empty_like(snapshots);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, current.scalar_type(), "memdisc_discrepancy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

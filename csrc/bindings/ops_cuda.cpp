@@ -35,14 +35,6 @@ void check_launch(cudaError_t err, const char* kernel) {
 }
 
 // A saved per-row tensor of the backward: shape, device, then the accumulator dtype, contiguous.
-at::Tensor saved_row_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& like,
-                            at::ScalarType acc) {
-  TORCH_CHECK(t.sizes() == shape, "memdisc: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.device() == like.device(), "memdisc: ", name, " is on ", t.device(), " but current is on ",
-              like.device());
-  return t.to(acc).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> discrepancy_cuda(const at::Tensor& current_in,
                                                                 const at::Tensor& snapshots_in, double temperature,
                                                                 bool reverse) {
