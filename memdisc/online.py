@@ -189,126 +189,155 @@ class OnlineRun:
         return discrepancy_scores(self.model, self.snapshots, x, self.cfg.dsc.reduce)
 
 
+@dataclasses.dataclass
+class RunRecord:
+    """What an online run has recorded so far (saved in state.pt for resuming)."""
+    step: int = 0
+    stop_reason: str | None = None
+    log: dict = dataclasses.field(default_factory=lambda: {k: [] for k in (
+        "step", "test_error", "md_poisoned", "md_clean", "corrected_fraction", "threshold")})
+    scores: dict = dataclasses.field(default_factory=lambda: {"poisoned": [], "clean": []})
+    batch_scores: dict = dataclasses.field(default_factory=lambda: {"poisoned": [], "clean": []})
+    timing: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(("attack", "defense", "scoring", "eval"),
+                                                                           0.0))
+
+    def record(self, err: float, md_in: torch.Tensor, md_clean: torch.Tensor, poisoned: torch.Tensor,
+               report, attacked: bool) -> None:
+        """One step's test error, discrepancies ([B] of the received batch and of its clean counterpart)."""
+        log = self.log
+        log["step"].append(self.step)
+        log["test_error"].append(err)
+        log["md_poisoned"].append(float(md_in[poisoned].mean()) if bool(poisoned.any()) else None)
+        log["md_clean"].append(float(md_clean.mean()))
+        log["corrected_fraction"].append(float(report.moved.float().mean()))
+        log["threshold"].append(report.threshold)
+        if attacked:
+            self.scores["poisoned"] += md_in[poisoned].tolist()
+            self.batch_scores["poisoned"].append(float(md_in.mean()))
+        self.scores["clean"] += md_clean.tolist()
+        self.batch_scores["clean"].append(float(md_clean.mean()))
+        self.step += 1
+
+    def detection(self) -> dict:
+        """MD as a poison score: per sample (poisoned rows vs clean counterparts) and per batch."""
+        p, c = self.scores["poisoned"], self.scores["clean"]
+        if not p:
+            return {"per_sample": None, "per_batch": None}
+        bp, bc = self.batch_scores["poisoned"], self.batch_scores["clean"]
+        return {"per_sample": detection_summary(p + c, [1] * len(p) + [0] * len(c)),
+                "per_batch": detection_summary(bp + bc, [1] * len(bp) + [0] * len(bc))}
+
+
+def _resume_or_start(run: OnlineRun, state_path: Path) -> RunRecord:
+    """Restore model, optimizer, defence, ring and attack from state.pt, or prepare a fresh run."""
+    cfg = run.cfg
+    if not state_path.exists():
+        if run.attack is not None:
+            run.attack.prepare(run.model)
+        return RunRecord()
+    state = torch.load(state_path, map_location=run.device, weights_only=False)
+    if state["config"] != to_dict(cfg):
+        raise ValueError(f"out: {cfg.out} holds a run with another configuration; use another --out")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.defense.load_state_dict(state["defense"])
+    run.snapshots.load_state_dict(state["snapshots"])
+    if run.attack is not None:
+        run.attack.load_state_dict(state["attack"])
+    print(f"resuming {cfg.out} at step {state['progress']['step']}")
+    return RunRecord(**state["progress"])
+
+
+def _save_state(run: OnlineRun, progress: RunRecord, state_path: Path) -> None:
+    atomic_torch_save({"config": to_dict(run.cfg), "model": run.model.state_dict(),
+                       "optimizer": run.optimizer.state_dict(), "defense": run.defense.state_dict(),
+                       "snapshots": run.snapshots.state_dict(),
+                       "attack": run.attack.state_dict() if run.attack is not None else None,
+                       "progress": dataclasses.asdict(progress)}, state_path)
+
+
+def _online_step(run: OnlineRun, progress: RunRecord) -> float:
+    """Attack (if any) -> record MD -> defence trains -> test error.  Returns the error."""
+    model, attack, timing = run.model, run.attack, progress.timing
+    x, y, _ = run.stream.batch_at(progress.step)
+    x, y = x.to(run.device), y.to(run.device)
+    t0 = time.perf_counter()
+    if attack is not None:
+        x_in, poisoned = attack.poison(model, x, y, progress.step)
+    else:
+        x_in, poisoned = x, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    t1 = time.perf_counter()
+    run.snapshots.observe(model)
+    md_in, md_clean = run.scores(x_in), run.scores(x)  # evaluation only: never shown to the defence
+    t2 = time.perf_counter()
+    _, report = run.defense.train_step(model, run.optimizer, x_in, y, progress.step)
+    t3 = time.perf_counter()
+    err = error_rate(model, *run.eval_step)
+    timing["attack"] += t1 - t0
+    timing["scoring"] += t2 - t1
+    timing["defense"] += t3 - t2
+    timing["eval"] += time.perf_counter() - t3
+    progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None)
+    return err
+
+
 def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     """Run (or resume, or return the finished result of) one online run; writes OUT/result.json."""
     out = Path(cfg.out)
-    result_path = out / "result.json"
-    state_path = out / "state.pt"
+    result_path, state_path = out / "result.json", out / "state.pt"
     if result_path.exists():
         done = json.loads(result_path.read_text())
         if done.get("config") != to_dict(cfg):
             raise ValueError(f"out: {out} holds a finished run with another configuration; use another --out")
         return done
     run = OnlineRun(cfg)
-    model, opt, attack, defense = run.model, run.optimizer, run.attack, run.defense
-    log = {"step": [], "test_error": [], "md_poisoned": [], "md_clean": [], "corrected_fraction": [],
-           "threshold": []}
-    scores = {"poisoned": [], "clean": []}
-    batch_scores = {"poisoned": [], "clean": []}
-    timing = {"attack": 0.0, "defense": 0.0, "scoring": 0.0, "eval": 0.0}
-    step, stop_reason = 0, None
-    if state_path.exists():
-        state = torch.load(state_path, map_location=run.device, weights_only=False)
-        if state["config"] != to_dict(cfg):
-            raise ValueError(f"out: {out} holds a run with another configuration; use another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        defense.load_state_dict(state["defense"])
-        run.snapshots.load_state_dict(state["snapshots"])
-        if attack is not None:
-            attack.load_state_dict(state["attack"])
-        step, stop_reason, log, scores, batch_scores, timing = (
-            state["step"], state["stop_reason"], state["log"], state["scores"], state["batch_scores"], state["timing"])
-        print(f"resuming {out} at step {step}")
-    elif attack is not None:
-        attack.prepare(model)
+    rec = _resume_or_start(run, state_path)
     # written only once the out dir is known to hold no run with another configuration
     write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
                                      "provenance": provenance(cfg.seed, run.device)})
-
-    def save_state():
-        atomic_torch_save({"config": to_dict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "defense": defense.state_dict(), "snapshots": run.snapshots.state_dict(),
-                           "attack": attack.state_dict() if attack is not None else None, "step": step,
-                           "stop_reason": stop_reason, "log": log, "scores": scores, "batch_scores": batch_scores,
-                           "timing": timing}, state_path)
-
     if cfg.victim_momentum is not None:
-        for group in opt.param_groups:
+        for group in run.optimizer.param_groups:
             group["momentum"] = cfg.victim_momentum
     name = "control (no attack)" if cfg.control else cfg.defense
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"online {name}", disable=not progress, leave=False,
-               mininterval=1.0)
-    while stop_reason is None:
-        x, y, _ = run.stream.batch_at(step)
-        x, y = x.to(run.device), y.to(run.device)
-        t0 = time.perf_counter()
-        if attack is not None:
-            x_in, poisoned = attack.poison(model, x, y, step)
-        else:
-            x_in, poisoned = x, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        t1 = time.perf_counter()
-        run.snapshots.observe(model)
-        md_in, md_clean = run.scores(x_in), run.scores(x)
-        t2 = time.perf_counter()
-        _, report = defense.train_step(model, opt, x_in, y, step)
-        t3 = time.perf_counter()
-        err = error_rate(model, *run.eval_step)
-        t4 = time.perf_counter()
-        timing["attack"] += t1 - t0
-        timing["scoring"] += t2 - t1
-        timing["defense"] += t3 - t2
-        timing["eval"] += t4 - t3
-        log["step"].append(step)
-        log["test_error"].append(err)
-        log["md_poisoned"].append(float(md_in[poisoned].mean()) if bool(poisoned.any()) else None)
-        log["md_clean"].append(float(md_clean.mean()))
-        log["corrected_fraction"].append(float(report.moved.float().mean()))
-        log["threshold"].append(report.threshold)
-        if attack is not None:
-            scores["poisoned"] += md_in[poisoned].tolist()
-            batch_scores["poisoned"].append(float(md_in.mean()))
-        scores["clean"] += md_clean.tolist()
-        batch_scores["clean"].append(float(md_clean.mean()))
-        step += 1
+    bar = tqdm(total=cfg.max_steps, initial=rec.step, desc=f"online {name}", disable=not progress,
+               leave=False, mininterval=1.0)
+    while rec.stop_reason is None:
+        err = _online_step(run, rec)
         bar.update(1)
         bar.set_postfix(err=f"{100 * err:.1f}%")
         if err > run.stop_error:
-            stop_reason = f"test error {100 * err:.2f}% exceeded the stop threshold {100 * run.stop_error:.2f}%"
-        elif step >= cfg.max_steps:
-            stop_reason = f"reached max_steps={cfg.max_steps}"
-        if stop_reason is not None or step % cfg.checkpoint_every == 0:
-            save_state()
+            rec.stop_reason = (f"test error {100 * err:.2f}% exceeded the stop threshold "
+                                    f"{100 * run.stop_error:.2f}%")
+        elif rec.step >= cfg.max_steps:
+            rec.stop_reason = f"reached max_steps={cfg.max_steps}"
+        if rec.stop_reason is not None or rec.step % cfg.checkpoint_every == 0:
+            _save_state(run, rec, state_path)
     bar.close()
 
     # Trigger: one step on the (poisoned) trigger batch, with the ordinary momentum.
+    model, opt = run.model, run.optimizer
     for group in opt.param_groups:
         group["momentum"] = cfg.momentum
     error_before = error_rate(model, *run.eval_all)
     t0 = time.perf_counter()
-    x_t, y_t = attack.trigger_batch(model) if attack is not None else run.trigger_clean
+    x_t, y_t = run.attack.trigger_batch(model) if run.attack is not None else run.trigger_clean
     run.snapshots.observe(model)  # as in every step: the ring first, then the score
     trigger_md = float(run.scores(x_t).mean())
-    defense.train_step(model, opt, x_t, y_t, step)
+    run.defense.train_step(model, opt, x_t, y_t, rec.step)
     trigger_seconds = time.perf_counter() - t0
     error_after = error_rate(model, *run.eval_all)
 
-    detection = {"per_sample": None, "per_batch": None}
-    if attack is not None and scores["poisoned"]:
-        n_p, n_c = len(scores["poisoned"]), len(scores["clean"])
-        detection["per_sample"] = detection_summary(scores["poisoned"] + scores["clean"], [1] * n_p + [0] * n_c)
-        bp, bc = batch_scores["poisoned"], batch_scores["clean"]
-        detection["per_batch"] = detection_summary(bp + bc, [1] * len(bp) + [0] * len(bc))
-    online_seconds = sum(timing.values())
+    timing = rec.timing
     result = {
         "config": to_dict(cfg), "defense": cfg.defense, "attack": not cfg.control,
         "error_after_burnin": run.burnin_error, "error_before_trigger": error_before,
         "error_after_trigger": error_after, "error_delta": error_after - error_before,
-        "steps_run": step, "stop_reason": stop_reason, "stop_error": run.stop_error, "trigger_md": trigger_md,
-        "curve": log, "detection": detection, "scores": scores,
-        "timing": {"online_seconds": online_seconds, "trigger_seconds": trigger_seconds,
+        "steps_run": rec.step, "stop_reason": rec.stop_reason, "stop_error": run.stop_error,
+        "trigger_md": trigger_md, "curve": rec.log, "detection": rec.detection(),
+        "scores": rec.scores,
+        "timing": {"online_seconds": sum(timing.values()), "trigger_seconds": trigger_seconds,
                    **{f"{k}_seconds": v for k, v in timing.items()},
-                   "samples_per_second": step * cfg.batch_size / max(timing["defense"], 1e-9)},
+                   "samples_per_second": rec.step * cfg.batch_size / max(timing["defense"], 1e-9)},
         "provenance": provenance(cfg.seed, run.device),
     }
     write_json(result_path, result)

@@ -151,7 +151,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(runs, burnin_dir, monkeyp
         run_online(cfg, progress=False)
     out = Path(cfg.out)
     assert not (out / "result.json").exists()
-    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "state.pt", weights_only=False)["progress"]["step"] == 2
     monkeypatch.setattr(BatchStream, "batch_at", batch_at)
 
     capsys.readouterr()
