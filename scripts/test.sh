@@ -9,6 +9,7 @@ bash scripts/setup.sh
 
 if command -v nvcc >/dev/null 2>&1; then
   bash scripts/compile_cuda_kernels.sh
+  bash scripts/check_cuda_bindings.sh
 else
   echo "[test] nvcc not found: CUDA kernel compile check skipped"
 fi

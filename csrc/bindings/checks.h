@@ -42,6 +42,29 @@ inline at::Tensor saved_row_tensor(const at::Tensor& t, const char* name, at::In
   return t.to(acc).contiguous();
 }
 
+// The backward's inputs, checked and made contiguous (the saved per-row tensors in the
+// accumulator dtype), shared by the CPU and CUDA bindings.
+struct BackwardInputs {
+  at::Tensor current, snapshots, grad_kl, lse_cur, lse_snap, kl;
+  int64_t K, B, C;
+};
+
+inline BackwardInputs prepare_backward(const at::Tensor& grad_kl, const at::Tensor& current_in,
+                                       const at::Tensor& snapshots_in, const at::Tensor& lse_cur,
+                                       const at::Tensor& lse_snap, const at::Tensor& kl, double temperature) {
+  check_discrepancy_args(current_in, snapshots_in, temperature);
+  BackwardInputs in;
+  in.current = current_in.contiguous();
+  in.snapshots = snapshots_in.contiguous();
+  in.K = in.snapshots.size(0), in.B = in.current.size(0), in.C = in.current.size(1);
+  const auto acc = acc_dtype(in.current.scalar_type());
+  in.grad_kl = saved_row_tensor(grad_kl, "grad_kl", {in.K, in.B}, in.current, acc);
+  in.lse_cur = saved_row_tensor(lse_cur, "lse_current", {in.B}, in.current, acc);
+  in.lse_snap = saved_row_tensor(lse_snap, "lse_snapshots", {in.K, in.B}, in.current, acc);
+  in.kl = saved_row_tensor(kl, "kl", {in.K, in.B}, in.current, acc);
+  return in;
+}
+
 inline void check_pgd_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
                            const c10::optional<at::Tensor>& active, double eps) {
   MEMDISC_CHECK_FLOATING(x);

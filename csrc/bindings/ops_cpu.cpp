@@ -51,15 +51,11 @@ std::tuple<at::Tensor, at::Tensor> discrepancy_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& snapshots_in, const at::Tensor& lse_cur_in,
                                                             const at::Tensor& lse_snap_in, const at::Tensor& kl_in,
                                                             double temperature, bool reverse) {
-  check_discrepancy_args(current_in, snapshots_in, temperature);
-  const at::Tensor current = current_in.contiguous();
-  const at::Tensor snapshots = snapshots_in.contiguous();
-  const int64_t K = snapshots.size(0), B = current.size(0), C = current.size(1);
-  const auto acc = acc_dtype(current.scalar_type());
-  const at::Tensor grad_kl = saved_row_tensor(grad_kl_in, "grad_kl", {K, B}, current, acc);
-  const at::Tensor lse_cur = saved_row_tensor(lse_cur_in, "lse_current", {B}, current, acc);
-  const at::Tensor lse_snap = saved_row_tensor(lse_snap_in, "lse_snapshots", {K, B}, current, acc);
-  const at::Tensor kl = saved_row_tensor(kl_in, "kl", {K, B}, current, acc);
+  const BackwardInputs in = prepare_backward(grad_kl_in, current_in, snapshots_in, lse_cur_in, lse_snap_in, kl_in,
+                                             temperature);
+  const at::Tensor &current = in.current, &snapshots = in.snapshots, &grad_kl = in.grad_kl;
+  const at::Tensor &lse_cur = in.lse_cur, &lse_snap = in.lse_snap, &kl = in.kl;
+  const int64_t K = in.K, B = in.B, C = in.C;
   at::Tensor grad_current = at::empty_like(current), grad_snapshots = at::empty_like(snapshots);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, current.scalar_type(), "memdisc_discrepancy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -58,16 +58,12 @@ std::tuple<at::Tensor, at::Tensor> discrepancy_backward_cuda(const at::Tensor& g
                                                              const at::Tensor& lse_cur_in,
                                                              const at::Tensor& lse_snap_in, const at::Tensor& kl_in,
                                                              double temperature, bool reverse) {
-  check_discrepancy_args(current_in, snapshots_in, temperature);
   const c10::cuda::CUDAGuard guard(current_in.device());
-  const at::Tensor current = current_in.contiguous();
-  const at::Tensor snapshots = snapshots_in.contiguous();
-  const int64_t K = snapshots.size(0), B = current.size(0), C = current.size(1);
-  const auto acc = acc_dtype(current.scalar_type());
-  const at::Tensor grad_kl = saved_row_tensor(grad_kl_in, "grad_kl", {K, B}, current, acc);
-  const at::Tensor lse_cur = saved_row_tensor(lse_cur_in, "lse_current", {B}, current, acc);
-  const at::Tensor lse_snap = saved_row_tensor(lse_snap_in, "lse_snapshots", {K, B}, current, acc);
-  const at::Tensor kl = saved_row_tensor(kl_in, "kl", {K, B}, current, acc);
+  const BackwardInputs in = prepare_backward(grad_kl_in, current_in, snapshots_in, lse_cur_in, lse_snap_in, kl_in,
+                                             temperature);
+  const at::Tensor &current = in.current, &snapshots = in.snapshots, &grad_kl = in.grad_kl;
+  const at::Tensor &lse_cur = in.lse_cur, &lse_snap = in.lse_snap, &kl = in.kl;
+  const int64_t K = in.K, B = in.B, C = in.C;
   at::Tensor grad_current = at::empty_like(current), grad_snapshots = at::empty_like(snapshots);
   check_launch(cuda::discrepancy_backward(kernel_dtype(current.scalar_type()), grad_kl.const_data_ptr(),
                                           current.const_data_ptr(), snapshots.const_data_ptr(),
