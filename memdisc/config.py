@@ -2,7 +2,8 @@
 optional preset, a TOML file and command-line flags (later sources win).
 
 Every field becomes a flag ``--field-name`` with its ``metadata["help"]`` as
-help text.  A field whose type is itself a dataclass is a *section*: a TOML
+help text; an optional field also takes ``none`` (flag or TOML string) to
+unset it.  A field whose type is itself a dataclass is a *section*: a TOML
 table ``[section]`` and flags ``--section-field``.  Unknown keys and values of
 the wrong type are errors naming the key, never silent defaults.
 """
@@ -64,16 +65,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         if dataclasses.is_dataclass(tp):
             add_config_arguments(parser, tp, prefix + f.name + "_", hidden, path + f.name + ".")
             continue
-        tp, _ = _base_type(tp)
+        tp, optional = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
+        conv = _parse_bool if tp is bool else tp
+        if optional:  # "none" unsets an optional value (also one a TOML file set)
+            conv = _or_none(conv)
         parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name,
-                            type=_parse_bool if tp is bool else tp, default=None, metavar=tp.__name__.upper(),
+                            type=conv, default=None, metavar=tp.__name__.upper(),
                             help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
+
+
+def _or_none(conv):
+    def parse(text: str):
+        return "none" if text.lower() == "none" else conv(text)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
 
 
 def _check_value(key: str, value: Any, annotation) -> Any:
     tp, optional = _base_type(annotation)
-    if value is None and optional:
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
