@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memdisc.evaluate import eval_mode
 from memdisc.ops import pgd_step_
 from memdisc.snapshots import SnapshotSet, discrepancy_scores, reduce_over_snapshots
 
@@ -36,17 +37,6 @@ class BatchReport:
     moved: torch.Tensor
     iterations: torch.Tensor
     threshold: float | None = None
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """The model in eval mode for the block; its previous mode is restored, also on error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
+from memdisc.evaluate import eval_mode
 from memdisc.ops import discrepancy
 
 
@@ -122,12 +123,8 @@ def discrepancy_scores(model: nn.Module, snapshots: SnapshotSet, x: torch.Tensor
                        temperature: float = 1.0) -> torch.Tensor:
     """Per-sample poison score ``[B]``: the MD of ``model`` (in eval mode, restored after)
     against the snapshots on x, reduced over the K snapshots."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return reduce_over_snapshots(snapshots.discrepancy(model(x), x, temperature), reduce)
-    finally:
-        model.train(was_training)
 
 
 def reduce_over_snapshots(md: torch.Tensor, how: str | int = "mean") -> torch.Tensor:
