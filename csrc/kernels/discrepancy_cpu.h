@@ -19,12 +19,18 @@
 // double for double.  The forward saves lse(a) [B] and lse(b) [K, B]; the
 // backward recomputes the softmaxes from them (one exp per element).
 //
-// Schedule: one sample row i at a time, its current row staged once in a
-// per-thread scratch (shifted logits, and p_t for reverse) and reused for the
-// K snapshot rows.  Each snapshot row takes two branch-free passes over
-// 64-byte vectors: a max pass, then one exp pass that accumulates s and the
-// weighted sum (the row is L1/L2-resident for the second pass).  The last
-// partial vector of a row is loaded with a fill value and masked.
+// Schedule (C > W, W = lanes per 64-byte vector): one sample row i at a time,
+// its current row staged once in a per-thread scratch (shifted logits, and p_t
+// for reverse) and reused for the K snapshot rows.  Each snapshot row takes two
+// branch-free passes over 64-byte vectors: a max pass, then one exp pass that
+// accumulates s and the weighted sum (the row is L1/L2-resident for the second
+// pass).  The last partial vector of a row is loaded with a fill value and
+// masked.
+// Schedule (C <= W, e.g. 10 classes): classes in the lanes would leave lanes
+// idle and pay three horizontal reductions per row, so the W sample rows of a
+// block go in the lanes instead: each [W, C] tile is staged transposed in the
+// scratch (tile[c][lane]), every per-row quantity (max, sum, log, KL) is one
+// vector op for W rows, and the [K, B] outputs are stored a vector at a time.
 //
 // Byte model, per forward call:  read (K + 1) * B * C * s (s = sizeof(scalar_t)),
 //   write K * B * 4 (kl) + (K + 1) * B * 4 (lse)            -> ~ (K+1)·B·C·s bytes.
@@ -74,7 +80,9 @@ struct DiscrepancyBackwardArgs {
 template <typename acc_t>
 inline int64_t padded_row(int64_t C) { return (C + Simd<acc_t>::W - 1) / Simd<acc_t>::W * Simd<acc_t>::W; }
 template <typename acc_t>
-inline int64_t discrepancy_forward_scratch(int64_t C) { return 2 * padded_row<acc_t>(C); }
+inline int64_t discrepancy_forward_scratch(int64_t C) {
+  return C <= Simd<acc_t>::W ? 3 * C * Simd<acc_t>::W : 2 * padded_row<acc_t>(C);
+}
 template <typename acc_t>
 inline int64_t discrepancy_backward_scratch(int64_t C) { return 3 * padded_row<acc_t>(C); }
 
@@ -107,14 +115,79 @@ MEMDISC_INLINE void forward_chunk(typename Simd<acc_t>::V xb, int64_t n, const a
   }
 }
 
+// Stage n <= W rows of C <= W logits (row stride C), times inv_t, transposed:
+// tile[c * W + l] = src[l * C + c] * inv_t; lanes l >= n get 0.
+template <typename scalar_t, typename acc_t>
+MEMDISC_INLINE void stage_tile(const scalar_t* src, int64_t n, int64_t C, acc_t inv_t, acc_t* tile) {
+  constexpr int W = Simd<acc_t>::W;
+  for (int64_t l = 0; l < n; ++l) {
+    for (int64_t c = 0; c < C; ++c) tile[c * W + l] = static_cast<acc_t>(src[l * C + c]) * inv_t;
+  }
+  for (int64_t l = n; l < W; ++l) {
+    for (int64_t c = 0; c < C; ++c) tile[c * W + l] = acc_t(0);
+  }
+}
+
+// Per-lane max over the C vectors of a staged tile.
+template <typename acc_t>
+MEMDISC_INLINE typename Simd<acc_t>::V tile_max(const acc_t* tile, int64_t C) {
+  typename Simd<acc_t>::V m = splat(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t c = 0; c < C; ++c) m = vmax<acc_t>(m, load_full<acc_t>(tile + c * Simd<acc_t>::W));
+  return m;
+}
+
+// The forward for C <= W: blocks of W sample rows in the lanes (see Schedule).
+template <typename scalar_t, typename acc_t>
+MEMDISC_INLINE void forward_rows_small_c(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t row_begin,
+                                         int64_t row_end, acc_t* scratch) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int W = Simd<acc_t>::W;
+  const int64_t K = p.K, B = p.B, C = p.C;
+  const V zero = splat(acc_t(0));
+  acc_t* xa = scratch;              // [C][W] a/T - max(a/T)
+  acc_t* pt = scratch + C * W;      // [C][W] p_t (reverse only)
+  acc_t* xb = scratch + 2 * C * W;  // [C][W] b/T, then b/T - max(b/T)
+  for (int64_t i0 = row_begin; i0 < row_end; i0 += W) {
+    const int64_t n = std::min<int64_t>(W, row_end - i0);
+    stage_tile<scalar_t, acc_t>(p.current + i0 * C, n, C, p.inv_t, xa);
+    const V ma = tile_max<acc_t>(xa, C);
+    V sa = zero;
+    for (int64_t c = 0; c < C; ++c) {
+      const V x = load_full<acc_t>(xa + c * W) - ma;
+      store<acc_t, acc_t>(xa + c * W, x, W);
+      sa += exp_vec(x);
+    }
+    const V log_sa = log_vec(sa);
+    store<acc_t, acc_t>(p.lse_cur + i0, ma + log_sa, n);
+    if (p.reverse) {
+      for (int64_t c = 0; c < C; ++c) store<acc_t, acc_t>(pt + c * W, exp_vec(load_full<acc_t>(xa + c * W) - log_sa), W);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      stage_tile<scalar_t, acc_t>(p.snapshots + (k * B + i0) * C, n, C, p.inv_t, xb);
+      const V mb = tile_max<acc_t>(xb, C);
+      V s = zero, w = zero;
+      for (int64_t c = 0; c < C; ++c) {
+        const V x = load_full<acc_t>(xb + c * W) - mb;
+        const V e = exp_vec(x);
+        const V va = load_full<acc_t>(xa + c * W);
+        s += e;
+        w += p.reverse ? load_full<acc_t>(pt + c * W) * (va - x) : e * (x - va);
+      }
+      const V log_sb = log_vec(s);
+      store<acc_t, acc_t>(p.lse_snap + k * B + i0, mb + log_sb, n);
+      store<acc_t, acc_t>(p.kl + k * B + i0, p.reverse ? (w + log_sb - log_sa) : (w / s + log_sa - log_sb), n);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 MEMDISC_INLINE void forward_rows(const DiscrepancyForwardArgs<scalar_t, acc_t>& p, int64_t row_begin,
                                  int64_t row_end, acc_t* scratch) {
+  if (p.C <= Simd<acc_t>::W) return forward_rows_small_c<scalar_t, acc_t>(p, row_begin, row_end, scratch);
   using V = typename Simd<acc_t>::V;
   constexpr int W = Simd<acc_t>::W;
   const int64_t K = p.K, B = p.B, C = p.C, Cp = padded_row<acc_t>(C);
   const acc_t inv_t = p.inv_t;
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const V zero = splat(acc_t(0));
   const scalar_t* a_end = p.current + B * C;
   const scalar_t* b_end = p.snapshots + K * B * C;
@@ -143,18 +216,11 @@ MEMDISC_INLINE void forward_rows(const DiscrepancyForwardArgs<scalar_t, acc_t>& 
       for (int64_t kk = 0; kk < nk; ++kk) {
         const scalar_t* b = p.snapshots + ((k0 + kk) * B + i) * C;
         V s = zero, w = zero;
-        acc_t mb;
-        if (C <= W) {  // one vector per row: a single load serves the max and the exp pass
-          const V vb = load<acc_t>(b, C, acc_t(0), b_end);
-          mb = hmax(select_lanes<acc_t>(C, vb, ninf)) * inv_t;
-          forward_chunk<acc_t>(vb * inv_t - mb, C, xa, pt, xa + Cp, p.reverse, s, w);
-        } else {
-          mb = row_max<scalar_t, acc_t>(b, C, b_end) * inv_t;
-          for (int64_t c = 0; c < C; c += W) {
-            const int64_t n = std::min<int64_t>(W, C - c);
-            forward_chunk<acc_t>(load<acc_t>(b + c, n, acc_t(0), b_end) * inv_t - mb, n, xa + c, pt + c, xa + Cp,
-                                 p.reverse, s, w);
-          }
+        const acc_t mb = row_max<scalar_t, acc_t>(b, C, b_end) * inv_t;
+        for (int64_t c = 0; c < C; c += W) {
+          const int64_t n = std::min<int64_t>(W, C - c);
+          forward_chunk<acc_t>(load<acc_t>(b + c, n, acc_t(0), b_end) * inv_t - mb, n, xa + c, pt + c, xa + Cp,
+                               p.reverse, s, w);
         }
         mbv[kk] = mb;
         ssv[kk] = hsum(s);

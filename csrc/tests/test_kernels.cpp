@@ -142,9 +142,11 @@ void check_cpu_forward(std::mt19937_64& rng, int64_t K, int64_t B, int64_t C, do
   const double inv_td = static_cast<double>(inv_t);
   std::vector<T> kl(K * B, T(kNaN)), lse_cur(B, T(kNaN)), lse_snap(K * B, T(kNaN));
   std::vector<T> scratch(memdisc::cpu::discrepancy_forward_scratch<T>(C));
-  memdisc::cpu::discrepancy_forward<T, T>({cur.data(), snap.data(), K, B, C, inv_t, reverse, kl.data(), lse_cur.data(),
-                                           lse_snap.data()},
-                                          0, B, scratch.data());
+  // Two row ranges split off a block boundary, as a parallel_for may split them.
+  const memdisc::cpu::DiscrepancyForwardArgs<T, T> args{cur.data(), snap.data(), K, B, C, inv_t, reverse,
+                                                         kl.data(), lse_cur.data(), lse_snap.data()};
+  memdisc::cpu::discrepancy_forward<T, T>(args, 0, B / 3, scratch.data());
+  memdisc::cpu::discrepancy_forward<T, T>(args, B / 3, B, scratch.data());
   const double eps = eps_of<T>();
   double worst = 0;
   for (int64_t i = 0; i < B; ++i) {
@@ -266,7 +268,9 @@ void check_cpu_backward(std::mt19937_64& rng, int64_t K, int64_t B, int64_t C, d
 
 void test_cpu_discrepancy() {
   std::mt19937_64 rng(1234);
-  const int64_t shapes[][3] = {{3, 7, 10}, {1, 5, 1}, {2, 0, 10}, {0, 4, 10}, {2, 3, 1000}, {4, 33, 17}};
+  // C <= 16 (float) / 8 (double) take the rows-in-lanes forward, larger C the row-at-a-time one.
+  const int64_t shapes[][3] = {{3, 7, 10}, {1, 5, 1}, {2, 0, 10}, {0, 4, 10}, {2, 3, 1000}, {4, 33, 17},
+                               {3, 37, 16}, {2, 21, 8}, {2, 50, 9}};
   for (const auto& s : shapes) {
     for (bool reverse : {false, true}) {
       for (double T : {1.0, 2.0, 2.5}) {
