@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_mb, provenance, time_interleaved, write_csv_atomic  # noqa: E402
+from common import out_dir_arg, peak_memory_mb, provenance, time_interleaved, write_csv_atomic  # noqa: E402
 
 import memdisc.ops as ops  # noqa: E402
 from memdisc.ops.reference import discrepancy_reference, pgd_step_reference  # noqa: E402
@@ -155,7 +155,7 @@ def print_table(rows: List[Dict[str, object]]) -> None:
 def main(argv=None) -> Tuple[Config, str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=Config.out)
+    ap.add_argument("--out", default=Config.out, type=out_dir_arg, help="directory for the CSV")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="size", const="quick", help="small scoring shapes (default)")
     size.add_argument("--full", action="store_const", dest="size", const="full", help="the largest scoring shapes")

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, write_csv_atomic  # noqa: E402
+from common import out_dir_arg, provenance, write_csv_atomic  # noqa: E402
 
 from memdisc.attacks import AccumulativeAttack, AttackConfig  # noqa: E402
 from memdisc.defenses import DSC, Defense, Precision, SeedAT, ThresholdSchedule  # noqa: E402
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--variants", action="store_true", help="also time DSC with channels-last and bf16 autocast")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    type=out_dir_arg, help="directory for the CSV")
     args = ap.parse_args(argv)
     prov = provenance(args.device)
     rows = []

@@ -8,6 +8,7 @@ interleaved (``time_interleaved``) so that a noisy machine shifts them alike.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -96,6 +97,13 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def out_dir_arg(path: str) -> str:
+    """argparse type of ``--out``: a directory (created if missing), checked before any timing runs."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"expected a directory for the CSV files, got the file {path!r}")
+    return path
 
 
 def write_csv_atomic(path: str, rows: List[Dict[str, object]]) -> None:

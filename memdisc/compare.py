@@ -24,6 +24,7 @@ Presets set defaults that suit a set-up; TOML values and flags override them:
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Options a comparison directory may be re-run with: which defences run, where, and how many seeds.
+_RERUNNABLE = frozenset({"defenses", "device", "repeats"})
+
+
+def _check_out_dir(cfg: CompareConfig) -> None:
+    """Refuse a run directory whose config.json holds a comparison with another configuration
+    (before anything in it is overwritten)."""
+    path = Path(cfg.out) / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("config", {})
+    diff = sorted(k for k, v in to_dict(cfg).items() if k not in _RERUNNABLE and saved.get(k) != v)
+    if diff:
+        raise ValueError(f"out: {cfg.out} holds a comparison with another configuration (differs in "
+                         f"{', '.join(diff)}); use another --out or delete the directory")
+
+
 def _run_one_seed(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Burn-in, control + every defence, results.json and the report.  Returns the results dict."""
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    _check_out_dir(cfg)
     write_json(out / "config.json", {"command": "compare", "config": to_dict(cfg),
                                      "provenance": provenance(cfg.seed, device)})
     burnin = run_burnin(cfg.burnin, progress=progress)

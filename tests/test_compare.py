@@ -11,6 +11,7 @@ import pytest
 
 from memdisc.burnin import BurninConfig
 from memdisc.compare import PRESETS, load_compare_config, run_compare
+from memdisc.config import to_dict
 from memdisc.online import DSCConfig, OnlineConfig
 
 SEED_CIFAR10 = PRESETS["seed-cifar10"]
@@ -115,6 +116,19 @@ def test_run_compare_end_to_end(tiny_fashion_mnist, single_thread, tmp_path):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
         assert png in markdown
+
+
+def test_a_directory_of_another_comparison_is_refused_before_anything_is_written(tiny_fashion_mnist, tmp_path):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    base = {"data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu", "out": str(out)}
+    saved = {"command": "compare", "config": to_dict(load_compare_config(overrides=base)), "provenance": {}}
+    (out / "config.json").write_text(json.dumps(saved))
+    other = load_compare_config(overrides={**base, "online": {"lr": 0.01}})
+    with pytest.raises(ValueError, match=r"out: .* another configuration \(differs in online\)"):
+        run_compare(other, progress=False)
+    assert json.loads((out / "config.json").read_text()) == saved
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
