@@ -13,6 +13,8 @@ step uses lr = 0 so the weights, and with them the workload, stay fixed across
 repeats.  Providers are timed interleaved (repeat r of every provider before
 repeat r+1) so machine noise hits them alike.  A profile of the fast DSC step
 gives the share of time spent in the memdisc kernels versus everything else.
+On CUDA, AT-seed and DSC also get a ``memdisc-graph`` provider: the same
+defence with the correction loop captured as a CUDA graph (``Precision(cuda_graph=True)``).
 Results: one CSV row per (model, K, method, scenario, provider) and a table printed last.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from memdisc.snapshots import SnapshotSet  # noqa: E402
 SHAPES = {"cnn": (1, 28, 10), "resnet18": (3, 32, 10)}  # channels, side, classes
 VARIANTS = {"memdisc-nchw": Precision(channels_last=False), "memdisc": Precision(),
             "memdisc-bf16": Precision(autocast="bfloat16")}
+GRAPH = Precision(cuda_graph=True)  # a provider of its own on CUDA: the captured correction loop
 
 
 def _setup(model_name: str, K: int, batch: int, device: str, seed: int = 0):
@@ -95,10 +98,12 @@ def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = 
         return {"reference": lambda: ref.seed_train_step(model, opt_ref, x, y),
                 "memdisc": lambda: fast.train_step(m, opt, x, y, 0)}
     if method == "AT-seed":
-        m, _, opt = copies()
-        fast = SeedAT()
-        return {"reference": lambda: ref.seed_train_step(model, opt_ref, ref.seed_at_correct(model, x, y), y),
-                "memdisc": lambda: fast.train_step(m, opt, x, y, 0)}
+        fns = {"reference": lambda: ref.seed_train_step(model, opt_ref, ref.seed_at_correct(model, x, y), y)}
+        for name, precision in [("memdisc", Precision())] + ([("memdisc-graph", GRAPH)] if x.is_cuda else []):
+            m, _, opt = copies()
+            fast = SeedAT(precision=precision)
+            fns[name] = (lambda f=fast, m=m, o=opt: f.train_step(m, o, x, y, 0))
+        return fns
     if method.startswith("DSC"):
         mode = method.split("-")[1]
 
@@ -106,9 +111,10 @@ def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = 
             xc, _ = ref.seed_dsc_correct(model, hist, x, y, 0, tau0=tau, tau_slope=0.0, per_sample=mode == "sample")
             ref.seed_train_step(model, opt_ref, xc, y)
         fns = {"reference": reference}
-        for name, precision in VARIANTS.items():
-            if name != "memdisc" and not variants:
-                continue
+        chosen = {name: p for name, p in VARIANTS.items() if name == "memdisc" or variants}
+        if x.is_cuda:
+            chosen["memdisc-graph"] = GRAPH
+        for name, precision in chosen.items():
             m, hs, opt = copies()
             fast = DSC(SnapshotSet(hs), mode=mode, schedule=ThresholdSchedule("fixed", tau0=tau), precision=precision)
             fns[name] = (lambda f=fast, m=m, o=opt: f.train_step(m, o, x, y, 0))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdisc.evaluate import eval_mode
+from memdisc.graphs import CapturedLoop
 from memdisc.ops import pgd_step_
 from memdisc.snapshots import SnapshotSet, discrepancy_scores, reduce_over_snapshots
 
@@ -111,15 +112,22 @@ class Precision:
         step 2.3-3.4x faster with the same corrected batches (bench/NOTES.md).
     autocast: None (float32), "bfloat16" or "float16": ``torch.autocast`` around the
         forward passes of the correction; the discrepancy op still accumulates in float32.
+    cuda_graph: capture the whole fixed-length correction loop as a CUDA graph once per
+        batch shape and replay it (``memdisc.graphs``); CUDA only, and for DSC only without
+        early exit and row compaction (their defaults on CUDA).  Off by default: it has not
+        been measured on a GPU yet (bench/NOTES.md).
     """
     channels_last: bool | str = "auto"
     autocast: str | None = None
+    cuda_graph: bool = False
 
     def __post_init__(self):
         if self.channels_last not in (True, False, "auto"):
             raise ValueError(f"channels_last: expected true, false or 'auto', got {self.channels_last!r}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast: expected none, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph: expected true or false, got {self.cuda_graph!r}")
 
     def uses_channels_last(self, x: torch.Tensor) -> bool:
         wanted = x.device.type == "cpu" if self.channels_last == "auto" else self.channels_last
@@ -137,7 +145,17 @@ class Precision:
     def context(self, device: torch.device):
         if self.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=getattr(torch, self.autocast))
+        # No weight-cast cache: each region holds one forward (nothing to reuse), and graph capture needs it off.
+        return torch.autocast(device.type, dtype=getattr(torch, self.autocast), cache_enabled=False)
+
+    def check_graph_device(self, x: torch.Tensor) -> None:
+        if self.cuda_graph and not x.is_cuda:
+            raise ValueError(f"cuda_graph: CUDA graphs need the batch on a CUDA device, got {x.device}")
+
+
+def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers a captured loop reads through the model."""
+    return [*model.parameters(), *model.buffers()]
 
 
 class _PGDCorrection(Defense):
@@ -152,6 +170,7 @@ class _PGDCorrection(Defense):
         if not step_size > 0 or not eps >= 0:
             raise ValueError(f"step_size/eps: expected step_size > 0 and eps >= 0, got {step_size}, {eps}")
         self.iters, self.step_size, self.eps, self.precision = iters, step_size, eps, precision
+        self._captured = CapturedLoop()
 
     def prepare(self, model, x):
         self.precision.prepare(x, model)
@@ -164,20 +183,30 @@ class _PGDCorrection(Defense):
 
     def correct(self, model, x, y, step):
         _check_batch(x, y)
+        self.precision.check_graph_device(x)
         self.prepare(model, x)
-        x_adv = x.detach().clone()
         with eval_mode(model):
-            with self.precision.context(x.device):
-                ctx = self.setup(model, self.precision.input(x), y)
-            for _ in range(self.iters):
-                x_adv.requires_grad_(True)
-                with self.precision.context(x.device):
-                    loss = self.loss(model, model(self.precision.input(x_adv)), x, y, ctx)
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                x_adv = x_adv.detach()
-                pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, descent=self.descent)
+            if self.precision.cuda_graph and self.iters > 0:
+                (x_adv,) = self._captured(lambda xs, ys: self._loop(model, xs, ys), [x, y],
+                                          lambda: _module_tensors(model))
+            else:
+                (x_adv,) = self._loop(model, x, y)
         iters = torch.full((x.shape[0],), self.iters, dtype=torch.long, device=x.device)
         return x_adv, BatchReport(md=None, moved=iters > 0, iterations=iters)
+
+    def _loop(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        """The ``iters`` steps from x (model already in eval mode): ``(x_corrected,)``."""
+        x_adv = x.detach().clone()
+        with self.precision.context(x.device):
+            ctx = self.setup(model, self.precision.input(x), y)
+        for _ in range(self.iters):
+            x_adv.requires_grad_(True)
+            with self.precision.context(x.device):
+                loss = self.loss(model, model(self.precision.input(x_adv)), x, y, ctx)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach()
+            pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, descent=self.descent)
+        return (x_adv,)
 
 
 class SeedAT(_PGDCorrection):
@@ -295,6 +324,7 @@ class DSC(Defense):
         self.compact, self.precision = compact, precision
         self.heldout = heldout
         self.generator = torch.Generator().manual_seed(seed)
+        self._captured = CapturedLoop()
         if self.schedule.kind == "calibrated" and heldout is None:
             raise ValueError("heldout: the calibrated threshold needs clean held-out data (x, y)")
         self.name = f"DSC-{mode}"
@@ -316,51 +346,88 @@ class DSC(Defense):
 
     def correct(self, model, x, y, step):
         _check_batch(x, y)
+        self.precision.check_graph_device(x)
         self.calibrate(model, step, x.shape[0])
         tau = self.schedule(step)
         self.prepare(model, x)
         on_cpu = x.device.type == "cpu"
         early_exit = on_cpu if self.early_exit == "auto" else bool(self.early_exit)
         compact = self.mode == "sample" and (on_cpu if self.compact == "auto" else bool(self.compact))
+        graph = self.precision.cuda_graph and self.iters > 0
+        if graph and (early_exit or compact):
+            raise ValueError("cuda_graph: a captured loop has a fixed length and fixed shapes; set early_exit and "
+                             "compact to false (their defaults on CUDA)")
+        with eval_mode(model):
+            if compact:
+                x_adv, md_received, iterations = self._loop_compact(model, x, y, tau)
+            elif graph:
+                tau_t = torch.full((), tau, dtype=torch.float32, device=x.device)
+                x_adv, md_received, iterations = self._captured(
+                    lambda xs, ys, ts: self._loop(model, xs, ys, ts, early_exit=False), [x, y, tau_t],
+                    lambda: _module_tensors(model) + self.snapshots.tensors())
+            else:
+                x_adv, md_received, iterations = self._loop(model, x, y, tau, early_exit)
+        if md_received is None:  # iters == 0
+            md_received = self.scores(model, x)
+        return x_adv, BatchReport(md=md_received, moved=iterations > 0, iterations=iterations, threshold=tau)
+
+    def _measure(self, model: nn.Module, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, C]`` of the current model on xs (with grad) and the reduced discrepancy ``[B]``."""
+        with self.precision.context(xs.device):
+            xin = self.precision.input(xs)
+            logits = model(xin)
+            md = reduce_over_snapshots(
+                self.snapshots.discrepancy(logits.detach(), xin.detach(), self.temperature), self.reduce)
+        return logits, md
+
+    def _loop(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float | torch.Tensor,
+              early_exit: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Every row forwarded each step, stopped rows masked in the PGD step (no host sync unless
+        ``early_exit``).  Returns (x_corrected [B, ...], md of the received batch [B] or None if
+        iters == 0, iterations [B])."""
         B = x.shape[0]
         active = torch.ones(B, dtype=torch.bool, device=x.device)
-        rows = torch.arange(B, device=x.device)  # compact mode: the rows still moving
         iterations = torch.zeros(B, dtype=torch.long, device=x.device)
         x_adv = x.detach().clone()
         md_received = None
-        with eval_mode(model):
-            for _ in range(self.iters):
-                xs = (x_adv[rows] if compact else x_adv).requires_grad_(True)
-                with self.precision.context(x.device):
-                    xin = self.precision.input(xs)
-                    logits = model(xin)
-                    md = reduce_over_snapshots(
-                        self.snapshots.discrepancy(logits.detach(), xin.detach(), self.temperature), self.reduce)
-                if md_received is None:
-                    md_received = md
-                if compact:  # forward/backward only the rows that still move (per-sample rule)
-                    keep = md > tau
-                    if not bool(keep.any()):
-                        break
-                    (grad,) = torch.autograd.grad(F.cross_entropy(logits[keep], y[rows[keep]], reduction="sum"), xs)
-                    rows = rows[keep]
-                    moved = xs.detach()[keep]
-                    pgd_step_(moved, grad[keep], x[rows], step=self.step_size, eps=self.eps, descent=True)
-                    x_adv[rows] = moved
-                    iterations[rows] += 1
-                    continue
-                over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
-                active &= over
-                if early_exit and not bool(active.any()):
-                    break
-                (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs)
-                x_adv = xs.detach()
-                pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, active=active, descent=True)
-                iterations += active
-        if md_received is None:
-            md_received = self.scores(model, x)
-        return x_adv.detach(), BatchReport(md=md_received, moved=iterations > 0, iterations=iterations,
-                                           threshold=tau)
+        for _ in range(self.iters):
+            xs = x_adv.requires_grad_(True)
+            logits, md = self._measure(model, xs)
+            if md_received is None:
+                md_received = md
+            over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
+            active &= over
+            if early_exit and not bool(active.any()):
+                break
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xs)
+            x_adv = xs.detach()
+            pgd_step_(x_adv, grad, x, step=self.step_size, eps=self.eps, active=active, descent=True)
+            iterations += active
+        return x_adv.detach(), md_received, iterations
+
+    def _loop_compact(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      tau: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Per-sample rule, forwarding only the rows still moving (exits once none is); same returns as ``_loop``."""
+        B = x.shape[0]
+        rows = torch.arange(B, device=x.device)
+        iterations = torch.zeros(B, dtype=torch.long, device=x.device)
+        x_adv = x.detach().clone()
+        md_received = None
+        for _ in range(self.iters):
+            xs = x_adv[rows].requires_grad_(True)
+            logits, md = self._measure(model, xs)
+            if md_received is None:
+                md_received = md
+            keep = md > tau
+            if not bool(keep.any()):
+                break
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits[keep], y[rows[keep]], reduction="sum"), xs)
+            rows = rows[keep]
+            moved = xs.detach()[keep]
+            pgd_step_(moved, grad[keep], x[rows], step=self.step_size, eps=self.eps, descent=True)
+            x_adv[rows] = moved
+            iterations[rows] += 1
+        return x_adv, md_received, iterations
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule.state_dict(), "generator": self.generator.get_state()}

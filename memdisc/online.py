@@ -84,6 +84,8 @@ class OnlineConfig:
     channels_last: str = field("auto", "channels-last memory format for the correction loops: true, false, "
                                        "or auto (on CPU)")
     autocast: str | None = field(None, "autocast dtype of the correction loops' model passes: bfloat16, float16")
+    cuda_graph: bool = field(False, "capture each correction loop as a CUDA graph and replay it (CUDA only; "
+                                    "not yet measured on a GPU)")
     repeat_first: bool = field(False, "seed behaviour: the stream repeats the first batch every step")
     checkpoint_every: int = field(10, "save resumable state every N steps")
     seed: int = field(0, "random seed (stream, splits, attack)")
@@ -128,7 +130,7 @@ def build_defense(cfg: OnlineConfig, snapshots: SnapshotSet, heldout) -> Defense
     """The defence named by ``cfg.defense``."""
     b, d = cfg.baselines, cfg.dsc
     precision = Precision({"true": True, "false": False}.get(cfg.channels_last.lower(), cfg.channels_last),
-                          cfg.autocast)
+                          cfg.autocast, cfg.cuda_graph)
     if cfg.defense == "ST":
         return Defense()
     if cfg.defense == "GC":

@@ -63,12 +63,32 @@ class SnapshotSet:
         self._history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         if not self._ring_models:
             self._ring_models = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.ring_lags]
-        for net, lag in zip(self._ring_models, self.ring_lags):
-            state = self._history[max(0, len(self._history) - 1 - lag)]
-            with torch.no_grad():
+        with torch.no_grad():
+            for net, lag in zip(self._ring_models, self.ring_lags):
+                state = self._history[max(0, len(self._history) - 1 - lag)]
                 for name, t in net.state_dict().items():
                     t.copy_(state[name])
-        self._stacked = None
+            self._refresh_stack()
+
+    def _refresh_stack(self) -> None:
+        """Copy the ring slots into the stacked tensors of the vmapped forward, in place: no
+        re-stacking of K networks per step, and the storage a captured CUDA graph reads stays put."""
+        if self._stacked is None:
+            return
+        params, buffers, _ = self._stacked
+        first = len(self._fixed)
+        for j, net in enumerate(self._ring_models):
+            for name, t in net.named_parameters():
+                params[name][first + j].copy_(t)
+            for name, t in net.named_buffers():
+                buffers[name][first + j].copy_(t)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the snapshot forward reads (the networks', and the stacked copies once built)."""
+        out = [t for m in self.models for t in (*m.parameters(), *m.buffers())]
+        if self._stacked is not None:
+            out += [*self._stacked[0].values(), *self._stacked[1].values()]
+        return out
 
     def state_dict(self) -> dict:
         """The ring history (fixed snapshots are rebuilt from their files)."""

@@ -4,7 +4,7 @@
 #   2. check that the CUDA kernels are registered, and compare them with the
 #      PyTorch reference on a few shapes and dtypes (cuda_smoke.log);
 #   3. run the whole pytest suite with MEMDISC_REQUIRE_EXTENSION=1;
-#   4. run bench/bench_kernels.py --out OUT_DIR;
+#   4. run bench/bench_kernels.py --device cuda --out OUT_DIR;
 #   5. run bench/bench_online_step.py --device cuda --variants --out OUT_DIR.
 # Logs go to OUT_DIR (build.log, env.txt, cuda_smoke.log, pytest.log, pytest.xml,
 # bench.log, summary.txt).  Exits non-zero if the build, the smoke check, the
@@ -144,9 +144,9 @@ else
   status=1
 fi
 
-step "benchmark (bench/bench_kernels.py --out $OUT) -> $OUT/bench.log"
+step "benchmark (bench/bench_kernels.py --device cuda --out $OUT) -> $OUT/bench.log"
 start=$SECONDS
-if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"; then
+if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_kernels.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log"; then
   record "bench: ok ($((SECONDS - start)) s)"
 else
   record "bench: FAILED (see bench.log)"

@@ -101,11 +101,16 @@ def test_ring_vmap_path_follows_observations():
     online = make_cnn(0)
     loop, vmapped = SnapshotSet([make_cnn(5)], (2,), vmap=False), SnapshotSet([make_cnn(5)], (2,), vmap=True)
     x = batch()
+    storage = None
     for t in range(4):
         loop.observe(online)
         vmapped.observe(online)
         torch.testing.assert_close(vmapped.logits(x), loop.logits(x), rtol=1e-5, atol=1e-5)
         perturb_(online, t)
+        # the stacked copies are refreshed in place, not rebuilt (a captured CUDA graph keeps reading them)
+        ptrs = [p.data_ptr() for p in vmapped.tensors()]
+        assert storage is None or ptrs == storage
+        storage = ptrs
 
 
 @pytest.mark.parametrize("k", [1, 3])
