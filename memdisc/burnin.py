@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from memdisc.artifacts import load_snapshot, provenance, save_snapshot, write_json
 from memdisc.config import field, to_dict
-from memdisc.data import iterate_minibatches, load_dataset
+from memdisc.data import iterate_minibatches, load_dataset, mirror_ok
 from memdisc.evaluate import error_rate
 from memdisc.models import build_model
 
@@ -40,7 +40,8 @@ class BurninConfig:
     lr: float = field(0.05, "SGD learning rate (seed: 0.1 for ResNet-18)")
     momentum: float = field(0.9, "SGD momentum")
     weight_decay: float = field(1e-4, "SGD weight decay")
-    augment: bool = field(False, "random crop + horizontal flip (seed: on for CIFAR-10)")
+    augment: bool = field(False, "random crop + horizontal flip (no flip for the digit sets MNIST and SVHN; "
+                                 "seed: on for CIFAR-10)")
     snapshot_every: int = field(1, "save a snapshot every N epochs (the last epoch is always saved)")
     train_subset: int | None = field(None, "use only the first N training images (tests, quick looks)")
     test_subset: int | None = field(None, "evaluate on only the first N test images")
@@ -130,7 +131,7 @@ def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
         model.train()
         total, count = torch.zeros((), device=device), 0
         n_batches = -(-len(train) // cfg.batch_size)
-        bar = tqdm(iterate_minibatches(train, cfg.batch_size, gen, augment=cfg.augment), total=n_batches,
+        bar = tqdm(iterate_minibatches(train, cfg.batch_size, gen, augment=cfg.augment, flip=mirror_ok(cfg.dataset)), total=n_batches,
                    desc=f"burn-in epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
                    mininterval=1.0)
         for x, y in bar:

@@ -15,7 +15,7 @@ from formats import idx_bytes
 
 import memdisc.data.datasets as datasets_module
 from memdisc.data import (DATASETS, BatchStream, DatasetFormatError, DatasetNotFoundError, ImageDataset,
-                          augment_batch, iterate_minibatches, load_dataset)
+                          augment_batch, iterate_minibatches, load_dataset, mirror_ok)
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -406,11 +406,11 @@ def test_epochs_reproducible_from_generator_and_differ_between_epochs():
     assert not torch.equal(first_a, epoch(gen_a))  # the generator moved on: a new order next epoch
 
 
-def _augment_oracle(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
-    """Per-sample loop: same draws as augment_batch (offsets [2, b], then coins [b]), explicit slicing."""
+def _augment_oracle(x: torch.Tensor, gen: torch.Generator, pad: int, flip: bool = True) -> torch.Tensor:
+    """Per-sample loop: same draws as augment_batch (offsets [2, b], then coins [b] if flip), explicit slicing."""
     b, _, h, w = x.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5
+    flip = torch.rand(b, generator=gen) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     out = torch.empty_like(x)
     for i in range(b):
@@ -428,6 +428,24 @@ def test_augment_matches_per_sample_oracle(shape, pad):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert not torch.equal(out, x)
+
+
+def test_augment_without_flip_only_crops():
+    x = torch.rand(17, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = augment_batch(x, torch.Generator().manual_seed(5), flip=False)
+    torch.testing.assert_close(out, _augment_oracle(x, torch.Generator().manual_seed(5), 2, flip=False), rtol=0, atol=0)
+    assert not torch.equal(out, augment_batch(x, torch.Generator().manual_seed(5)))  # the flips did something
+
+
+@pytest.mark.parametrize("name,expected", [("fashion-mnist", True), ("cifar10", True), ("cifar100", True),
+                                           ("mnist", False), ("svhn", False)])
+def test_digit_sets_are_never_mirrored(name, expected):
+    assert mirror_ok(name) is expected
+
+
+def test_mirror_ok_names_the_argument():
+    with pytest.raises(ValueError, match="dataset: expected one of"):
+        mirror_ok("imagenet")
 
 
 def test_augmented_epoch_reproducible_and_in_range():

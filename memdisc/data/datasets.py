@@ -96,6 +96,7 @@ class _Source:
     files: dict[str, tuple[str, ...]]  # split -> file names, in reading order
     subdirs: tuple[str, ...]  # usual sub-folders of a parent data_dir
     gz_ok: bool  # a file may also be present as <name>.gz
+    mirror_ok: bool  # a left-right mirrored image keeps its label (not so for digits)
     read: Callable[[list[Path], int], tuple[np.ndarray, np.ndarray]]  # (paths, num_classes) -> (images, labels)
     how_to_get: str
 
@@ -112,32 +113,40 @@ _IDX_NAMES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3
 _SOURCES = {
     "fashion-mnist": _Source(
         "Fashion-MNIST", 10, {"train": _idx_files("train"), "test": _idx_files("t10k")},
-        ("fashion-mnist", "FashionMNIST/raw"), True, _read_idx,
+        ("fashion-mnist", "FashionMNIST/raw"), True, True, _read_idx,
         "Install it with `apt-get install dataset-fashion-mnist` (it lands in /usr/share/datasets/fashion-mnist), "
         f"or put the four idx files ({_IDX_NAMES}, gzipped or not; "
         "https://github.com/zalandoresearch/fashion-mnist) in a folder and pass --data-dir DIR."),
     "mnist": _Source(
         "MNIST", 10, {"train": _idx_files("train"), "test": _idx_files("t10k")},
-        ("mnist", "MNIST/raw"), True, _read_idx,
+        ("mnist", "MNIST/raw"), True, False, _read_idx,
         f"Put the four MNIST idx files ({_IDX_NAMES}, gzipped or not; e.g. from "
         "https://ossci-datasets.s3.amazonaws.com/mnist/) in a folder and pass --data-dir DIR."),
     "cifar10": _Source(
         "CIFAR-10", 10, {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
-        ("cifar-10-batches-py",), False, lambda paths, k: read_cifar_batches(paths, b"labels", k),
+        ("cifar-10-batches-py",), False, True, lambda paths, k: read_cifar_batches(paths, b"labels", k),
         "Download and unpack https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and pass "
         "--data-dir DIR (the cifar-10-batches-py folder or its parent)."),
     "cifar100": _Source(
         "CIFAR-100", 100, {"train": ("train",), "test": ("test",)},
-        ("cifar-100-python",), False, lambda paths, k: read_cifar_batches(paths, b"fine_labels", k),
+        ("cifar-100-python",), False, True, lambda paths, k: read_cifar_batches(paths, b"fine_labels", k),
         "Download and unpack https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and pass "
         "--data-dir DIR (the cifar-100-python folder or its parent)."),
     "svhn": _Source(
         "SVHN", 10, {"train": ("train_32x32.mat",), "test": ("test_32x32.mat",)},
-        ("svhn", "SVHN"), False, lambda paths, k: read_svhn_mat(paths[0]),
+        ("svhn", "SVHN"), False, False, lambda paths, k: read_svhn_mat(paths[0]),
         "Download http://ufldl.stanford.edu/housenumbers/train_32x32.mat and test_32x32.mat "
         "(the cropped-digit format) into a folder and pass --data-dir DIR."),
 }
 DATASETS = tuple(_SOURCES)  # ("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn")
+
+
+def mirror_ok(name: str) -> bool:
+    """Whether a left-right flip keeps the label (augmentation flips only then): False for the digit
+    sets (MNIST, SVHN), True for Fashion-MNIST and CIFAR."""
+    if name not in _SOURCES:
+        raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {name!r}")
+    return _SOURCES[name].mirror_ok
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = None) -> ImageDataset:

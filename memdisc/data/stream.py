@@ -20,19 +20,20 @@ from memdisc.data.datasets import ImageDataset
 __all__ = ["augment_batch", "iterate_minibatches", "BatchStream"]
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int | None = None) -> torch.Tensor:
-    """Random crop with zero padding, then random horizontal flip, vectorised over the batch.
+def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int | None = None,
+                  flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding, then (``flip``) random horizontal flip, vectorised over the batch.
 
     For each sample i independently: pad by ``p`` zeros on every side, take the
     ``H x W`` window at offset ``(dy_i, dx_i)``, ``dy_i, dx_i ~ U{0..2p}``, and mirror it
-    left-right with probability 1/2:
+    left-right with probability 1/2 (never without ``flip``):
 
         out[i, c, h, w] = pad_p(x)[i, c, dy_i + h, dx_i + w']   with w' = W-1-w if flipped else w
 
     Args:
         x: float ``[b, C, H, W]`` (any device).
-        generator: CPU generator; draws, in this order, the offsets ``[2, b]`` and the flip
-            coins ``[b]``, so the result is a function of the generator state alone.
+        generator: CPU generator; draws, in this order, the offsets ``[2, b]`` and (with
+            ``flip``) the flip coins ``[b]``, so the result is a function of the generator state alone.
         padding: ``p``; ``None`` picks 4 for images of 32 px or more a side, else 2 (28x28).
 
     Returns:
@@ -45,10 +46,11 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int | No
     b, c, h, w = x.shape
     p = (4 if min(h, w) >= 32 else 2) if padding is None else _check_int("padding", padding, 0)
     offsets = torch.randint(0, 2 * p + 1, (2, b), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [b, H]
     cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [b, W]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    if flip:
+        coins = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        cols = torch.where(coins[:, None], cols.flip(1), cols)
     padded = F.pad(x, (p, p, p, p))  # [b, C, H+2p, W+2p], zeros outside
     return padded[torch.arange(b, device=x.device)[:, None, None, None],
                   torch.arange(c, device=x.device)[None, :, None, None],
@@ -56,13 +58,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, padding: int | No
 
 
 def iterate_minibatches(dataset: ImageDataset, batch_size: int, generator: torch.Generator, augment: bool = False,
-                        drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        drop_last: bool = False, flip: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch of ``dataset`` as ``(x float32 [b, C, H, W] in [0, 1], y int64 [b])``.
 
     The order is ``torch.randperm(N, generator=generator)`` cut into batches of
     ``batch_size``; the last batch is smaller (``N mod batch_size``) unless
     ``drop_last``. With ``augment`` each batch goes through :func:`augment_batch`
-    with the same generator, so a fixed generator seed gives the same epoch.
+    with the same generator (``flip`` passed on), so a fixed generator seed gives the same epoch.
     """
     _check_dataset(dataset)
     batch_size = _check_int("batch_size", batch_size, 1, len(dataset))
@@ -71,7 +73,7 @@ def iterate_minibatches(dataset: ImageDataset, batch_size: int, generator: torch
     stop = len(dataset) - len(dataset) % batch_size if drop_last else len(dataset)
     for start in range(0, stop, batch_size):
         x, y = dataset.batch(order[start:start + batch_size])
-        yield (augment_batch(x, generator) if augment else x), y
+        yield (augment_batch(x, generator, flip=flip) if augment else x), y
 
 
 class BatchStream:
