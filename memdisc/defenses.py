@@ -188,11 +188,15 @@ class _PGDCorrection(Defense):
         with eval_mode(model):
             if self.precision.cuda_graph and self.iters > 0:
                 (x_adv,) = self._captured(lambda xs, ys: self._loop(model, xs, ys), [x, y],
-                                          lambda: _module_tensors(model))
+                                          lambda: _module_tensors(model), self.settings())
             else:
                 (x_adv,) = self._loop(model, x, y)
         iters = torch.full((x.shape[0],), self.iters, dtype=torch.long, device=x.device)
         return x_adv, BatchReport(md=None, moved=iters > 0, iterations=iters)
+
+    def settings(self) -> tuple:
+        """The hyperparameters a captured loop freezes (a change gets a new graph)."""
+        return type(self), self.iters, self.step_size, self.eps, self.precision, getattr(self, "kl_weight", None)
 
     def _loop(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
         """The ``iters`` steps from x (model already in eval mode): ``(x_corrected,)``."""
@@ -361,10 +365,15 @@ class DSC(Defense):
             if compact:
                 x_adv, md_received, iterations = self._loop_compact(model, x, y, tau)
             elif graph:
-                tau_t = torch.full((), tau, dtype=torch.float32, device=x.device)
+                self.snapshots.prepare(x)  # lazily built state, on this stream before any capture
+                # md's dtype (float64 models give float64 MD), so the comparison is the eager loop's
+                tau_t = torch.full((), tau, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                                   device=x.device)
+                settings = (self.mode, self.iters, self.step_size, self.eps, self.reduce, self.temperature,
+                            self.precision)
                 x_adv, md_received, iterations = self._captured(
                     lambda xs, ys, ts: self._loop(model, xs, ys, ts, early_exit=False), [x, y, tau_t],
-                    lambda: _module_tensors(model) + self.snapshots.tensors())
+                    lambda: _module_tensors(model) + self.snapshots.tensors(), settings)
             else:
                 x_adv, md_received, iterations = self._loop(model, x, y, tau, early_exit)
         if md_received is None:  # iters == 0

@@ -8,64 +8,73 @@ graph and replays it: one launch per batch.
 
 What the graph reads besides its inputs (the model's and the snapshots'
 weights) it reads through the storage it had at capture, so in-place updates
-(optimizer steps, ``SnapshotSet.observe``) are seen by the next replay.  The
-capture is redone when the inputs' shapes, dtypes or strides change, when a
-watched tensor's storage moves (a module moved or rebuilt).  Anything else the
-function reads (hyperparameters, Python flags) is frozen at capture.
+(optimizer steps, ``SnapshotSet.observe``) are seen by the next replay.  One
+graph is kept per input signature (shapes, dtypes, strides) and ``settings``
+(the loop's hyperparameters, which are frozen into the graph); a graph is
+recorded again when a watched tensor's storage has moved (a module moved or
+rebuilt).
 
 The captured function must be capturable: no host synchronisation (``.item()``,
-``bool(tensor)``), no CPU tensors, no random numbers.
+``bool(tensor)``), no CPU tensors, no random numbers, and any lazily built state
+(e.g. stacked snapshot weights) built before the first call.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import collections
+from typing import Callable, Hashable, Sequence
 
 import torch
 
 
 class CapturedLoop:
-    """Replays ``fn(*inputs) -> tuple[Tensor, ...]`` from a CUDA graph (see the module docstring)."""
+    """Replays ``fn(*inputs) -> tuple[Tensor, ...]`` from CUDA graphs (see the module docstring).
 
-    def __init__(self, warmup: int = 3):
-        self.warmup = warmup
+    Args:
+        warmup: eager runs on a side stream before each capture (lazy initialisation, cuDNN autotuning).
+        max_graphs: graphs kept (least recently used dropped first); each holds its own memory pool.
+    """
+
+    def __init__(self, warmup: int = 3, max_graphs: int = 4):
+        self.warmup, self.max_graphs = warmup, max_graphs
         self.captures = 0  # how many times a graph was recorded
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._key = None
-        self._static_in: list[torch.Tensor] = []
-        self._static_out: tuple[torch.Tensor, ...] = ()
-
-    @staticmethod
-    def _signature(inputs: Sequence[torch.Tensor], watch: Sequence[torch.Tensor]):
-        return (tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs), tuple(t.data_ptr() for t in watch))
+        self._graphs: collections.OrderedDict = collections.OrderedDict()  # key -> (ptrs, graph, static in, out)
 
     def __call__(self, fn: Callable[..., tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],
-                 watch: Callable[[], Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-        """Run ``fn(*inputs)`` from the graph, capturing it first if needed; returns copies of the outputs.
+                 watch: Callable[[], Sequence[torch.Tensor]], settings: Hashable = ()) -> tuple[torch.Tensor, ...]:
+        """Run ``fn(*inputs)`` from its graph, capturing it first if needed; returns copies of the outputs.
 
         watch: returns the tensors fn reads besides its inputs (checked for moved storage each call).
+        settings: everything else fn depends on (hyperparameters); a new value gets its own graph.
         """
         bad = [i for i, t in enumerate(inputs) if not (isinstance(t, torch.Tensor) and t.is_cuda)]
         if bad:
             raise ValueError(f"inputs: CUDA-graph capture needs CUDA tensors; inputs {bad} are not")
-        if self._graph is None or self._signature(inputs, watch()) != self._key:
-            self._capture(fn, inputs, watch)
-        for buf, t in zip(self._static_in, inputs):
+        key = (tuple((t.shape, t.dtype, t.device, t.stride()) for t in inputs), settings)
+        ptrs = tuple(t.data_ptr() for t in watch())
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] != ptrs:
+            entry = self._capture(key, fn, inputs, ptrs)
+        self._graphs.move_to_end(key)
+        _, graph, static_in, static_out = entry
+        for buf, t in zip(static_in, inputs):
             buf.copy_(t)
-        self._graph.replay()
-        return tuple(t.clone() for t in self._static_out)
+        graph.replay()
+        return tuple(t.clone() for t in static_out)
 
-    def _capture(self, fn, inputs, watch) -> None:
-        self._graph, self._static_out = None, ()  # release the previous graph's memory pool first
+    def _capture(self, key, fn, inputs, ptrs):
+        self._graphs.pop(key, None)  # release a stale graph's memory pool first
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
         static_in = [t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (lazy initialisation, cuDNN autotuning) off the capture
+        with torch.cuda.stream(side):
             for _ in range(self.warmup):
                 fn(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = fn(*static_in)
-        self._graph, self._static_in, self._static_out = graph, static_in, tuple(out)
-        self._key = self._signature(inputs, watch())  # after the warm-up built any lazy state
+            out = tuple(fn(*static_in))
+        self._graphs[key] = entry = (ptrs, graph, static_in, out)
         self.captures += 1
+        return entry

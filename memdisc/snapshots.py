@@ -117,14 +117,22 @@ class SnapshotSet:
             self._stacked = (params, buffers, torch.vmap(one, in_dims=(0, 0, None)))
         return self._stacked
 
+    def _uses_vmap(self, x: torch.Tensor) -> bool:
+        return len(self) > 1 and (self.vmap if self.vmap != "auto" else x.device.type == "cuda")
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Build now, on the current stream, what the forward on batches like x builds lazily (the
+        stacked weights of the vmapped forward); needed before a CUDA-graph capture."""
+        if len(self.models) == len(self) and self._uses_vmap(x):
+            self._stack()
+
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every snapshot on ``x`` [B, ...]: ``[K, B, C]`` (no grad)."""
         models = self.models
         if len(models) != len(self):
             raise RuntimeError("SnapshotSet: ring slots are empty; call observe(model) before logits()")
-        use_vmap = self.vmap if self.vmap != "auto" else x.device.type == "cuda"
-        if len(models) == 1 or not use_vmap:
+        if not self._uses_vmap(x):
             return torch.stack([m(x) for m in models])
         params, buffers, fn = self._stack()
         return fn(params, buffers, x)

@@ -120,6 +120,23 @@ def test_captured_seed_at_matches_the_eager_loop():
             for p in model.parameters():
                 p.mul_(0.99)
     assert graphed._captured.captures == 1
+    eager.kl_weight = graphed.kl_weight = 1.0  # a changed setting gets its own graph, not a stale replay
+    x, y = _batch(9)
+    torch.testing.assert_close(graphed.correct(model, x, y, 9)[0], eager.correct(model, x, y, 9)[0], rtol=0, atol=1e-6)
+    assert graphed._captured.captures == 2
+
+
+@cuda
+def test_alternating_shapes_keep_one_graph_each():
+    model, _ = _online_setup(1)
+    at = SeedAT(iters=2, precision=Precision(cuda_graph=True))
+    for n in (64, 48, 64, 48, 64):
+        x, y = _batch(n, n)
+        at.correct(model, x, y, 0)
+    assert at._captured.captures == 2
+    model.cpu().cuda()  # new parameter storage: the graph of that shape is recorded again
+    at.correct(model, *_batch(0, 64), 0)
+    assert at._captured.captures == 3
 
 
 @cuda

@@ -113,6 +113,18 @@ def test_ring_vmap_path_follows_observations():
         storage = ptrs
 
 
+def test_prepare_builds_the_stacked_weights_only_when_vmapped():
+    x = batch()
+    vmapped, looped = SnapshotSet([make_cnn(1), make_cnn(2)], vmap=True), SnapshotSet([make_cnn(1), make_cnn(2)])
+    n_model_tensors = len(vmapped.tensors())
+    vmapped.prepare(x)
+    looped.prepare(x)  # auto on CPU: the loop, nothing to build
+    assert len(vmapped.tensors()) > n_model_tensors and len(looped.tensors()) == n_model_tensors
+    ptrs = [t.data_ptr() for t in vmapped.tensors()]
+    torch.testing.assert_close(vmapped.logits(x), looped.logits(x), rtol=1e-5, atol=1e-5)
+    assert [t.data_ptr() for t in vmapped.tensors()] == ptrs  # logits() used what prepare() built
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_discrepancy_equals_op_on_stacked_logits(k):
     models = [make_cnn(seed) for seed in range(1, k + 1)]

@@ -21,6 +21,10 @@
 // N = max(s.mq, o.mq); with dp = M - x.mp, dq = N - x.mq, r = exp(-dp) for each x:
 //   sp += r sp_x,  w1 += r (w1_x - dp sp_x),  w2 += r (w2_x - dq sp_x),  sq += exp(-dq) sq_x.
 // A state with sp == 0 is empty (no element yet); a non-empty one has sp >= 1.
+// -inf logits on the q side (e.g. masked classes of the current model) give the
+// CPU kernel's answers: lse(q) finite, KL = +inf where p has mass; a shift of a
+// maximum to itself is taken as 0, so a slice whose q values are all -inf
+// yields no -inf - -inf NaN.
 #pragma once
 #include <cmath>
 
@@ -61,7 +65,8 @@ struct KLStats {
       s.mq = acc_max(s.mq, q[j]);
     }
     for (int j = 0; j < V; ++j) {
-      const acc_t dp = p[j] - s.mp, dq = q[j] - s.mq;
+      // q[j] == mq: shift 0, also when both are -inf (masked logits of the current row; a NaN otherwise).
+      const acc_t dp = p[j] - s.mp, dq = q[j] == s.mq ? acc_t(0) : q[j] - s.mq;
       const acc_t e = acc_exp(dp);
       s.sp += e;
       s.w1 += e * dp;
@@ -79,7 +84,8 @@ struct KLStats {
       return;
     }
     const acc_t M = acc_max(mp, o.mp), N = acc_max(mq, o.mq);
-    const acc_t dps = M - mp, dpo = M - o.mp, dqs = N - mq, dqo = N - o.mq;
+    const acc_t dps = M - mp, dpo = M - o.mp;
+    const acc_t dqs = mq == N ? acc_t(0) : N - mq, dqo = o.mq == N ? acc_t(0) : N - o.mq;  // -inf - -inf: 0
     const acc_t ep = acc_exp(-(dps + dpo)), eq = acc_exp(-(dqs + dqo));  // one of each pair is 0
     const acc_t rps = dps == acc_t(0) ? acc_t(1) : ep, rpo = dps == acc_t(0) ? ep : acc_t(1);
     const acc_t rqs = dqs == acc_t(0) ? acc_t(1) : eq, rqo = dqs == acc_t(0) ? eq : acc_t(1);

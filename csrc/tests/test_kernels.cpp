@@ -430,6 +430,25 @@ void check_kl_stats(std::mt19937_64& rng, int64_t C, int team, double temperatur
   }
 }
 
+// q = -inf on every element of the packs that thread 1 of the team reads (so its whole slice is -inf).
+template <int V>
+void check_minus_inf_q(int team, int64_t C) {
+  std::vector<float> p(C), q(C);
+  for (int64_t c = 0; c < C; ++c) {
+    p[c] = static_cast<float>(c % 7) * 0.5f - 1.0f;
+    q[c] = (c / V) % team == 1 ? -std::numeric_limits<float>::infinity() : static_cast<float>(c % 5) * 0.25f;
+  }
+  const auto pd = widen(p), qd = widen(q);
+  const double lq = lse(qd.data(), C, 1.0), lp = lse(pd.data(), C, 1.0);
+  const auto got = emulate_team<float, V>(p, q, team);
+  EXPECT(std::isinf(got.kl()) && got.kl() > 0, "team=%d V=%d C=%lld: KL with -inf q must be +inf, got %g", team, V,
+         (long long)C, (double)got.kl());
+  EXPECT(std::fabs(got.lse_q() - lq) <= 16 * eps_of<float>() * (1 + std::fabs(lq)), "lse_q %g ref %g",
+         (double)got.lse_q(), lq);
+  EXPECT(std::fabs(got.lse_p() - lp) <= 16 * eps_of<float>() * (1 + std::fabs(lp)), "lse_p %g ref %g",
+         (double)got.lse_p(), lp);
+}
+
 void test_cuda_kl_stats() {
   std::mt19937_64 rng(7);
   for (double T : {1.0, 3.0}) {
@@ -447,6 +466,10 @@ void test_cuda_kl_stats() {
     }
     for (int64_t C : {1, 10}) check_kl_stats<double, 1>(rng, C, 4, T);
   }
+  // -inf on the q side (masked classes), with whole thread slices all -inf: +inf KL, finite lse(q), as the CPU.
+  check_minus_inf_q<1>(4, 10);
+  check_minus_inf_q<1>(16, 64);
+  check_minus_inf_q<4>(4, 64);
   // Merging is order-free up to rounding: a state merged with an empty one is unchanged.
   using S = memdisc::cuda::KLStats<float>;
   S s = S::of(1.5f, -2.0f);
