@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from formats import write_pickle
 
 from memdisc.burnin import BurninConfig
 from memdisc.compare import PRESETS, load_compare_config, run_compare
@@ -129,6 +132,31 @@ def test_a_directory_of_another_comparison_is_refused_before_anything_is_written
         run_compare(other, progress=False)
     assert json.loads((out / "config.json").read_text()) == saved
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_path):
+    """The paper's set-up (CIFAR-10 files, ResNet-18, the seed preset with crop + flip and the seed
+    threshold schedule) through burn-in, snapshots, attack and DSC, on 140 tiny random images."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 40)]:
+        write_pickle(folder / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                     b"labels": rng.integers(0, 10, n).tolist()})
+    out = tmp_path / "cmp"
+    cfg = load_compare_config(overrides={
+        "dataset": "cifar10", "model": "resnet18", "data_dir": str(tmp_path), "defenses": "DSC-batch",
+        "device": "cpu", "out": str(out), "burnin": {"epochs": 1, "batch_size": 50, "snapshot_every": 1},
+        "online": {"history_epochs": "1", "batch_size": 10, "max_steps": 1, "eval_size": 20, "val_size": 10,
+                   "heldout_size": 10, "stop_error": 1.0}})
+    assert cfg.preset == "auto" and cfg.burnin.augment and cfg.online.dsc.threshold == "seed"
+    results = run_compare(cfg, progress=False)
+    assert results["burnin"]["epochs"] == 1 and list(results["runs"]) == ["control", "DSC-batch"]
+    dsc = results["runs"]["DSC-batch"]
+    assert dsc["steps_run"] == 1 and dsc["attack"] is True
+    assert 0.0 <= dsc["error_after_trigger"] <= 1.0
+    spec = torch.load(out / "burnin" / "snapshots" / "epoch_001.pt", weights_only=False)["model_spec"]
+    assert (spec["name"], spec["in_channels"], spec["image_size"]) == ("resnet18", 3, 32)
 
 
 def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):

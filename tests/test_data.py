@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import pickle
 import re
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from formats import idx_bytes
+from formats import idx_bytes, write_pickle
 
 import memdisc.data.datasets as datasets_module
 from memdisc.data import (DATASETS, BatchStream, DatasetFormatError, DatasetNotFoundError, ImageDataset,
@@ -43,16 +42,6 @@ def make_idx_dataset(folder: Path, gz: bool, n_train: int = 12, n_test: int = 5,
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)
         arrays[split] = (images, labels)
     return arrays
-
-
-def write_pickle(path: Path, obj: object, numpy1: bool = False) -> None:
-    """Protocol-2 pickle, as the CIFAR files are; ``numpy1`` spells numpy's globals as numpy 1 did
-    (``numpy.core.multiarray``), like the original files."""
-    data = pickle.dumps(obj, protocol=2)
-    if numpy1:
-        assert b"numpy._core.multiarray" in data
-        data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-    path.write_bytes(data)
 
 
 def make_cifar10(folder: Path, seed: int = 0) -> dict:
