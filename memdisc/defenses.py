@@ -196,7 +196,7 @@ class _PGDCorrection(Defense):
 
     def settings(self) -> tuple:
         """The hyperparameters a captured loop freezes (a change gets a new graph)."""
-        return type(self), self.iters, self.step_size, self.eps, self.precision, getattr(self, "kl_weight", None)
+        return type(self), self.iters, self.step_size, self.eps, self.precision
 
     def _loop(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
         """The ``iters`` steps from x (model already in eval mode): ``(x_corrected,)``."""
@@ -226,6 +226,9 @@ class SeedAT(_PGDCorrection):
                  precision: Precision = Precision()):
         super().__init__(iters, step_size, eps, precision)
         self.kl_weight = kl_weight
+
+    def settings(self) -> tuple:
+        return super().settings() + (self.kl_weight,)
 
     def setup(self, model, x, y):
         with torch.no_grad():
