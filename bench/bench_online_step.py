@@ -155,6 +155,7 @@ def _time(fns: dict, device: str, repeats: int) -> dict:
 
 def kernel_share(fn, device: str) -> dict:
     """Share of self time in memdisc ops vs the rest, from torch.profiler over one call."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     fn()
@@ -164,9 +165,12 @@ def kernel_share(fn, device: str) -> dict:
     total = kernels = 0.0
     for ev in prof.key_averages():
         t = getattr(ev, attr, 0.0) or 0.0
-        total += t
         if ev.key.startswith("memdisc::"):
             kernels += t
+        # On CUDA a kernel's time shows on its own (device) row and again on the CPU op that launched
+        # it: the total counts the device rows only, as torch's own table does.
+        if device != "cuda" or ev.device_type == DeviceType.CUDA:
+            total += t
     return {"kernel_share": kernels / total if total else float("nan"), "profiled_ms": total / 1e3}
 
 

@@ -95,7 +95,8 @@ def save_snapshot(path: str | Path, *, model: torch.nn.Module, model_spec: dict[
     """
     payload = {"format": "memdisc-snapshot-1", "state_dict": model.state_dict(), "model_spec": model_spec,
                "optimizer": optimizer.state_dict() if optimizer is not None else None, "epoch": epoch,
-               "test_error": test_error, "config": config, "seed": seed, "provenance": provenance(seed),
+               "test_error": test_error, "config": config, "seed": seed,
+               "provenance": provenance(seed, next(model.parameters()).device),
                "extra": extra or {}}
     return atomic_torch_save(payload, path)
 

@@ -446,7 +446,7 @@ class DSC(Defense):
 
     def load_state_dict(self, state: dict) -> None:
         self.schedule.load_state_dict(state["schedule"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded with map_location=cuda
 
 
 DEFENSES = ("ST", "GC", "AT-seed", "AT-madry", "DSC-batch", "DSC-sample")

@@ -258,27 +258,35 @@ def _save_state(run: OnlineRun, progress: RunRecord, state_path: Path) -> None:
                        "progress": dataclasses.asdict(progress)}, state_path)
 
 
+def _clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done (on CUDA the phases would otherwise be
+    charged to whichever later phase first waits for the GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     """Attack (if any) -> record MD -> defence trains -> test error.  Returns the error."""
     model, attack, timing = run.model, run.attack, progress.timing
     x, y, _ = run.stream.batch_at(progress.step)
     x, y = x.to(run.device), y.to(run.device)
-    t0 = time.perf_counter()
+    t0 = _clock(run.device)
     if attack is not None:
         x_in, poisoned = attack.poison(model, x, y, progress.step)
     else:
         x_in, poisoned = x, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    t1 = time.perf_counter()
+    t1 = _clock(run.device)
     run.snapshots.observe(model)
     md_in, md_clean = run.scores(x_in), run.scores(x)  # evaluation only: never shown to the defence
-    t2 = time.perf_counter()
+    t2 = _clock(run.device)
     _, report = run.defense.train_step(model, run.optimizer, x_in, y, progress.step)
-    t3 = time.perf_counter()
+    t3 = _clock(run.device)
     err = error_rate(model, *run.eval_step)
     timing["attack"] += t1 - t0
     timing["scoring"] += t2 - t1
     timing["defense"] += t3 - t2
-    timing["eval"] += time.perf_counter() - t3
+    timing["eval"] += _clock(run.device) - t3
     progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None)
     return err
 
@@ -321,12 +329,12 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     for group in opt.param_groups:
         group["momentum"] = cfg.momentum
     error_before = error_rate(model, *run.eval_all)
-    t0 = time.perf_counter()
+    t0 = _clock(run.device)
     x_t, y_t = run.attack.trigger_batch(model) if run.attack is not None else run.trigger_clean
     run.snapshots.observe(model)  # as in every step: the ring first, then the score
     trigger_md = float(run.scores(x_t).mean())
     run.defense.train_step(model, opt, x_t, y_t, rec.step)
-    trigger_seconds = time.perf_counter() - t0
+    trigger_seconds = _clock(run.device) - t0
     error_after = error_rate(model, *run.eval_all)
 
     timing = rec.timing

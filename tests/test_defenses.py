@@ -388,3 +388,17 @@ def test_dsc_precision_options_stay_within_their_stated_tolerance(mode):
     for xc in (cl, bf16):
         assert in_box_and_ball(xc, x, 0.2)
     assert 0 < float((bf16 - fp32).abs().mean()) <= 0.2 / 4  # bf16 does change the batch, within the bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dsc_state_loads_from_a_checkpoint_mapped_to_cuda(tmp_path):
+    """An online checkpoint is loaded with map_location=cuda: the CPU generator's state must still load."""
+    current, hist, x, y = models_and_batch()
+    dsc = DSC(SnapshotSet([hist]), schedule=ThresholdSchedule("calibrated"), heldout=(x, y))
+    dsc.calibrate(current, 0, B)
+    torch.save(dsc.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", map_location="cuda")
+    other = DSC(SnapshotSet([hist]), schedule=ThresholdSchedule("calibrated"), heldout=(x, y), seed=5)
+    other.load_state_dict(state)
+    assert torch.equal(other.generator.get_state(), dsc.generator.get_state())
+    assert other.schedule.value == dsc.schedule.value
