@@ -52,10 +52,16 @@ def _run_burnin(cfg):
 
 
 def _info(_cfg):
+    import torch
+
     from memdisc.artifacts import provenance
-    from memdisc.ops import extension_error
+    from memdisc.ops import extension_error, extension_loaded
     info = provenance()
     info["extension_error"] = extension_error()
+    loaded = extension_loaded()
+    info["extension_build"] = torch.ops.memdisc.build_info() if loaded else None  # "torch=...;cuda=0|1"
+    info["cpu_isa"] = torch.ops.memdisc.cpu_isa() if loaded else None  # the CPU kernels' instruction set
+    info["cuda_available"] = torch.cuda.is_available()
     print(json.dumps(info, indent=2))
 
 

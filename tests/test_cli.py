@@ -77,6 +77,11 @@ def test_info_prints_json(capsys):
     assert isinstance(info["extension"], bool) and "extension_error" in info
     assert {"memdisc", "torch", "commit", "device"} <= set(info)
     assert info["extension_error"] is None or not info["extension"]
+    if info["extension"]:
+        assert info["extension_build"].startswith("torch=") and info["cpu_isa"] in ("avx512", "avx2", "default")
+    else:
+        assert info["extension_build"] is None and info["cpu_isa"] is None
+    assert isinstance(info["cuda_available"], bool)
 
 
 def test_full_burnin_writes_the_run_directory(tiny_fashion_mnist, tmp_path, capsys):
