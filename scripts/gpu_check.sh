@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (torch with CUDA, nvcc, ninja, triton; no network):
-#   1. build the extension with the CUDA kernels in place (TORCH_CUDA_ARCH_LIST, default 9.0);
-#   2. check that the CUDA kernels are registered, and compare them with the
-#      PyTorch reference on a few shapes and dtypes (cuda_smoke.log);
-#   3. run the whole pytest suite with MEMDISC_REQUIRE_EXTENSION=1;
-#   4. run bench/bench_kernels.py --device cuda --out OUT_DIR;
-#   5. run bench/bench_online_step.py --device cuda --variants --out OUT_DIR.
+#   build  build the extension with the CUDA kernels in place (TORCH_CUDA_ARCH_LIST, default 9.0);
+#          always runs first (ninja makes it quick when nothing changed);
+#   smoke  check that the CUDA kernels are registered, and compare them with the
+#          PyTorch reference on a few shapes and dtypes (cuda_smoke.log);
+#   tests  run the whole pytest suite with MEMDISC_REQUIRE_EXTENSION=1;
+#   bench  run bench/bench_kernels.py --device cuda --out OUT_DIR;
+#   online run bench/bench_online_step.py --device cuda --variants --out OUT_DIR.
 # Logs go to OUT_DIR (build.log, env.txt, cuda_smoke.log, pytest.log, pytest.xml,
-# bench.log, summary.txt).  Exits non-zero if the build, the smoke check, the
-# tests or the benchmark fail; a failed build stops the run.
-#   scripts/gpu_check.sh OUT_DIR
+# bench.log, bench_online.log, summary.txt).  Exits non-zero if a step fails; a
+# failed build stops the run.
+#   scripts/gpu_check.sh OUT_DIR [STEP ...]      (default: smoke tests bench online)
+# The whole run can exceed one 10-minute device call (torch.compile of every benchmark
+# shape); split it, e.g. `gpu_check.sh OUT smoke tests`, then `gpu_check.sh OUT bench`,
+# then `gpu_check.sh OUT online`.
 set -euo pipefail
 
-if [[ $# -ne 1 ]]; then
-  echo "usage: scripts/gpu_check.sh OUT_DIR" >&2
+if [[ $# -lt 1 ]]; then
+  echo "usage: scripts/gpu_check.sh OUT_DIR [smoke] [tests] [bench] [online]" >&2
   exit 2
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$1"
 OUT="$(cd "$1" && pwd)"
+shift
+STEPS=("$@")
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(smoke tests bench online)
+for s in "${STEPS[@]}"; do
+  case "$s" in smoke|tests|bench|online) ;; *) echo "gpu_check: unknown step '$s' (expected smoke, tests, bench, online)" >&2; exit 2;; esac
+done
+wants() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 cd "$ROOT"
 PYTHON="${PYTHON:-python}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, also for bench/
 SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+touch "$SUMMARY"  # appended to, so split runs into one OUT_DIR keep every step's line
 status=0
 
 step() { echo; echo "== gpu_check: $*"; }
@@ -50,6 +61,7 @@ else
   exit 1
 fi
 
+if wants smoke; then
 step "CUDA kernels registered and equal to the reference -> $OUT/cuda_smoke.log"
 if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" - > "$OUT/cuda_smoke.log" 2>&1 <<'PY'
 import sys
@@ -134,7 +146,9 @@ else
   record "cuda smoke: FAILED (see cuda_smoke.log)"
   status=1
 fi
+fi
 
+if wants tests; then
 step "pytest (MEMDISC_REQUIRE_EXTENSION=1) -> $OUT/pytest.log"
 start=$SECONDS
 if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest -q -rs --junitxml="$OUT/pytest.xml" tests 2>&1 | tee "$OUT/pytest.log"; then
@@ -143,7 +157,9 @@ else
   record "pytest: FAILED ($(tail -1 "$OUT/pytest.log"))"
   status=1
 fi
+fi
 
+if wants bench; then
 step "benchmark (bench/bench_kernels.py --device cuda --out $OUT) -> $OUT/bench.log"
 start=$SECONDS
 if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_kernels.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log"; then
@@ -152,7 +168,9 @@ else
   record "bench: FAILED (see bench.log)"
   status=1
 fi
+fi
 
+if wants online; then
 step "online-step benchmark (bench/bench_online_step.py --device cuda --variants) -> $OUT/bench_online.log"
 start=$SECONDS
 if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_online_step.py --device cuda --variants --out "$OUT" 2>&1 \
@@ -161,6 +179,7 @@ if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" bench/bench_online_step.py --device cud
 else
   record "bench_online: FAILED (see bench_online.log)"
   status=1
+fi
 fi
 
 step "summary ($SUMMARY)"
