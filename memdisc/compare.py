@@ -34,7 +34,7 @@ from memdisc.artifacts import atomic_write_text, provenance, write_json
 from memdisc.burnin import BurninConfig, resolve_device, run_burnin
 from memdisc.config import build, field, merge, read_toml, section, to_dict
 from memdisc.defenses import DEFENSES
-from memdisc.online import OnlineConfig, run_online
+from memdisc.online import OnlineConfig, check_device, run_online
 from memdisc.report import write_report
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -201,7 +201,7 @@ def _check_out_dir(cfg: CompareConfig) -> None:
 def _run_one_seed(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     """Burn-in, control + every defence, results.json and the report.  Returns the results dict."""
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.online)
     _check_out_dir(cfg)
     write_json(out / "config.json", {"command": "compare", "config": to_dict(cfg),
                                      "provenance": provenance(cfg.seed, device)})

@@ -291,8 +291,17 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     return err
 
 
+def check_device(cfg: OnlineConfig) -> torch.device:
+    """The device the run will use, refused early where an option cannot run on it."""
+    device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device; --device {cfg.device} gives {device.type}")
+    return device
+
+
 def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     """Run (or resume, or return the finished result of) one online run; writes OUT/result.json."""
+    check_device(cfg)
     out = Path(cfg.out)
     result_path, state_path = out / "result.json", out / "state.pt"
     if result_path.exists():

@@ -159,6 +159,14 @@ def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_pa
     assert (spec["name"], spec["in_channels"], spec["image_size"]) == ("resnet18", 3, 32)
 
 
+def test_cuda_graph_without_a_cuda_device_is_refused_before_the_burnin(tiny_fashion_mnist, tmp_path):
+    cfg = load_compare_config(overrides={"data_dir": str(tiny_fashion_mnist), "device": "cpu",
+                                         "out": str(tmp_path / "cmp"), "online": {"cuda_graph": True}})
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need a CUDA device; --device cpu gives cpu"):
+        run_compare(cfg, progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memdisc.cli", "compare", "--defenses", "Nope"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
