@@ -5,6 +5,7 @@ into place, so a killed run never leaves a half-written file behind.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -74,14 +75,34 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
 
 
+def cpu_instruction_sets() -> dict[str, str]:
+    """Which instruction set computed a CPU result: the CPU, and what each kernel family used.
+
+    ``memdisc``: memdisc's CPU kernels (capped by MEMDISC_CPU_ISA); ``aten``: torch's own
+    kernels (capped by ATEN_CPU_CAPABILITY); ``onednn``: the cap on oneDNN's convolutions and
+    matmuls (ONEDNN_MAX_CPU_ISA, "unrestricted" when unset: the best the CPU has).
+    """
+    from memdisc.ops import extension_loaded
+
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "memdisc": torch.ops.memdisc.cpu_isa() if extension_loaded() else "reference",
+            "aten": torch.backends.cpu.get_cpu_capability(),
+            "onednn": os.environ.get("ONEDNN_MAX_CPU_ISA", "unrestricted")}
+
+
 def provenance(seed: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Versions, commit, device and seed to record beside every result."""
+    """Versions, commit, device, CPU instruction sets and seed to record beside every result."""
     from memdisc.ops import extension_loaded
 
     import numpy
     return {"memdisc": memdisc.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "commit": git_commit(), "device": device_name(device),
-            "extension": extension_loaded(), "seed": seed}
+            "cpu_isa": cpu_instruction_sets(), "extension": extension_loaded(), "seed": seed}
 
 
 def save_snapshot(path: str | Path, *, model: torch.nn.Module, model_spec: dict[str, Any], epoch: int,

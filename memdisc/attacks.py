@@ -237,14 +237,14 @@ class AttackConfig:
 
     eps: float = field(0.2, "L-inf radius of the accumulative poison")
     steps: int = field(2, "signed steps C per accumulative batch")
-    step_size: float = field(0.2, "accumulative step size alpha")
+    step_size: float | None = field(None, "accumulative step size alpha (None: 2 * eps / steps, the seed's rule)")
     trigger_eps: float | None = field(None, "L-inf radius of the poisoned trigger (None: eps)")
     trigger_steps: int | None = field(None, "signed steps of the trigger crafting (None: steps)")
     trigger_step_size: float | None = field(None, "trigger step size (None: 2 * trigger_eps / trigger_steps)")
     gamma: float = field(1.0, "weight of the clean-gradient term of H")
     terms: str = field("both", "terms of H: both, first (gamma term only) or second (G_t term only)")
-    poison_scale: float = field(1.0, "poisoned fraction of each batch: round((1 - poison_scale) * B) rows "
-                                      "stay clean")
+    poison_scale: float = field(1.0, "poisoned fraction of each batch: B - int(poison_scale * B) rows stay "
+                                      "clean (the seed's rule)")
     clean_rows: str = field("per_step", "which rows stay clean: per_step (drawn from (seed, step)) or fixed "
                                          "(one draw for every batch and the trigger, as the seed code)")
     reset_clean_rows: bool = field(False, "seed behaviour: craft every row, then reset the clean rows "
@@ -255,7 +255,8 @@ class AttackConfig:
     def __post_init__(self):
         _number("eps", self.eps, minimum=0.0)
         _count("steps", self.steps)
-        _number("step_size", self.step_size, minimum=0.0, strict=True)
+        if self.step_size is not None:
+            _number("step_size", self.step_size, minimum=0.0, strict=True)
         if self.trigger_eps is not None:
             _number("trigger_eps", self.trigger_eps, minimum=0.0)
         if self.trigger_steps is not None:
@@ -270,6 +271,11 @@ class AttackConfig:
         for name in ("reset_clean_rows", "recraft_trigger"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+
+    def poison_schedule(self) -> tuple[float, int, float]:
+        """``(eps, steps, step_size)`` of the accumulative poison, the None default resolved."""
+        step_size = 2.0 * self.eps / self.steps if self.step_size is None else self.step_size
+        return self.eps, self.steps, step_size
 
     def trigger_schedule(self) -> tuple[float, int, float]:
         """``(eps, steps, step_size)`` of the trigger crafting, the None defaults resolved."""
@@ -341,12 +347,13 @@ class AccumulativeAttack:
     def poison_mask(self, batch_size: int, step: int | None) -> torch.Tensor:
         """``[batch_size]`` bool on the CPU: True for the rows the attacker perturbs.
 
-        Exactly ``round((1 - poison_scale) * batch_size)`` rows are False, drawn by a
+        Exactly ``batch_size - int(poison_scale * batch_size)`` rows are False (the seed's
+        ``normal_num``), drawn by a
         generator seeded with ``(seed, step)`` for ``clean_rows="per_step"`` (``step=None``
         is the trigger's own draw), or with ``seed`` alone for ``"fixed"`` (the same
         positions in every batch and in the trigger, as the seed's ``normal_indices``).
         """
-        n_clean = round((1.0 - self.cfg.poison_scale) * batch_size)
+        n_clean = batch_size - int(self.cfg.poison_scale * batch_size)
         mask = torch.ones(batch_size, dtype=torch.bool)
         if n_clean == 0:
             return mask
@@ -434,8 +441,9 @@ class AccumulativeAttack:
         with crafting_state(model, cfg.crafting_mode) as params:
             direction = _direction(model, params, x, y, self.x_val, self.y_val, self._trigger_for_step(model, params),
                                    gamma=cfg.gamma, terms=cfg.terms)
-            x_poisoned = self._masked_craft(model, params, x, y, direction, active, eps=cfg.eps, steps=cfg.steps,
-                                            step_size=cfg.step_size, ascent=True)
+            eps, steps, step_size = cfg.poison_schedule()
+            x_poisoned = self._masked_craft(model, params, x, y, direction, active, eps=eps, steps=steps,
+                                            step_size=step_size, ascent=True)
         return x_poisoned, active
 
     def state_dict(self) -> dict:

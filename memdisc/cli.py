@@ -60,7 +60,6 @@ def _info(_cfg):
     info["extension_error"] = extension_error()
     loaded = extension_loaded()
     info["extension_build"] = torch.ops.memdisc.build_info() if loaded else None  # "torch=...;cuda=0|1"
-    info["cpu_isa"] = torch.ops.memdisc.cpu_isa() if loaded else None  # the CPU kernels' instruction set
     info["cuda_available"] = torch.cuda.is_available()
     print(json.dumps(info, indent=2))
 

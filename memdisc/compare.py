@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from memdisc.artifacts import atomic_write_text, provenance, write_json
 from memdisc.burnin import BurninConfig, resolve_device, run_burnin
@@ -130,8 +132,26 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, standard deviation (ddof 1) and the 95 % Student-t interval of the mean of per-seed values.
+
+    ``ci95 = mean -/+ t_{0.975, n-1} * std / sqrt(n)``; std and ci95 are None for fewer than 2 values.
+    """
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return {"values": [], "mean": None, "std": None, "ci95": None}
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return {"values": list(values), "mean": mean, "std": None, "ci95": None}
+    std = float(arr.std(ddof=1))
+    half = float(scipy.stats.t.ppf(0.975, arr.size - 1)) * std / math.sqrt(arr.size)
+    return {"values": list(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
 def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Per run name, the per-seed values and their mean and standard deviation over seeds."""
+    """Per run name, the per-seed values of each metric with their spread (:func:`spread`), and per
+    defence the paired per-seed difference of its attack effect from ST's (``vs_st``: negative is a
+    defence that held the attack better than training on the batches as received)."""
     metrics = {
         "error_before_trigger": lambda res, r: r["error_before_trigger"],
         "error_after_trigger": lambda res, r: r["error_after_trigger"],
@@ -147,37 +167,60 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         runs[name] = {}
         for metric, get in metrics.items():
             values = [get(res, {**res["runs"][name], "name": name}) for res in per_seed.values()]
-            values = [v for v in values if v is not None]
-            arr = np.asarray(values, dtype=float)
-            runs[name][metric] = {"values": values, "mean": float(arr.mean()) if values else None,
-                                  "std": float(arr.std(ddof=1)) if len(values) > 1 else None}
+            runs[name][metric] = spread([v for v in values if v is not None])
+        if name not in ("control", "ST") and all("ST" in res["attack_effect"] for res in per_seed.values()):
+            runs[name]["vs_st"] = spread([res["attack_effect"][name] - res["attack_effect"]["ST"]
+                                          for res in per_seed.values()])
     return {"seeds": list(per_seed), "runs": runs}
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary over seeds as a Markdown table: mean ± std (per-seed values)."""
-    def cell(m, scale=100.0, fmt="{:+.2f}"):
-        if m["mean"] is None:
-            return "n/a"
-        std = "" if m["std"] is None else f" ± {scale * m['std']:.2f}"
-        return fmt.format(scale * m["mean"]) + std
+def _interval(m: dict[str, Any], scale: float = 100.0, fmt: str = "{:+.2f}") -> str:
+    """``mean ± std [lo, hi]`` of a :func:`spread`, scaled (n/a when empty)."""
+    if m["mean"] is None:
+        return "n/a"
+    text = fmt.format(scale * m["mean"])
+    if m["std"] is not None:
+        lo, hi = m["ci95"]
+        text += f" ± {scale * m['std']:.2f} [{fmt.format(scale * lo)}, {fmt.format(scale * hi)}]"
+    return text
 
+
+def _verdict(m: dict[str, Any]) -> str:
+    """Whether a paired difference's 95 % interval excludes 0."""
+    if m["ci95"] is None:
+        return "one seed: no interval"
+    lo, hi = m["ci95"]
+    return "lower than ST" if hi < 0 else "higher than ST" if lo > 0 else "not distinguishable from ST"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The summary over seeds as Markdown: mean ± std [95 % interval] per metric, then each defence's
+    attack effect against ST's on the same seeds, with the conclusion its interval supports."""
     seeds = summary["seeds"]
-    lines = [f"# Comparison over seeds {', '.join(map(str, seeds))}", "",
-             "Mean ± standard deviation over seeds (each seed: its own burn-in, stream, splits and attack).",
+    lines = [f"# Comparison over {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+             "Mean ± standard deviation [95 % Student-t interval of the mean] over seeds (each seed: its own "
+             "burn-in, stream, splits and attack).",
              "Attack effect = the run's trigger error delta minus the no-attack control's, in points.", "",
-             "| run | err before trigger % | err after trigger % | Δ err (pp) | attack effect (pp) | per-seed effect (pp) "
-             "| steps | AUROC (sample) | AUROC (batch) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run | err before trigger % | err after trigger % | attack effect (pp) | per-seed effect (pp) "
+             "| steps | AUROC (sample) | AUROC (batch) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in summary["runs"].items():
         per_seed = ", ".join(f"{100 * v:+.1f}" for v in r["attack_effect"]["values"]) or "n/a"
-        lines.append(f"| {name} | {cell(r['error_before_trigger'], fmt='{:.2f}')} | "
-                     f"{cell(r['error_after_trigger'], fmt='{:.2f}')} | {cell(r['error_delta'])} | "
-                     f"{cell(r['attack_effect'])} | {per_seed} | {cell(r['steps_run'], 1.0, '{:.1f}')} | "
-                     f"{cell(r['auroc_sample'], 1.0, '{:.3f}')} | {cell(r['auroc_batch'], 1.0, '{:.3f}')} |")
+        lines.append(f"| {name} | {_interval(r['error_before_trigger'], fmt='{:.2f}')} | "
+                     f"{_interval(r['error_after_trigger'], fmt='{:.2f}')} | {_interval(r['attack_effect'])} | "
+                     f"{per_seed} | {_interval(r['steps_run'], 1.0, '{:.1f}')} | "
+                     f"{_interval(r['auroc_sample'], 1.0, '{:.3f}')} | {_interval(r['auroc_batch'], 1.0, '{:.3f}')} |")
+    paired = {name: r["vs_st"] for name, r in summary["runs"].items() if "vs_st" in r}
+    if paired:
+        lines += ["", "Each defence's attack effect minus ST's on the same seed (pp), and what its 95 % interval "
+                  "supports:", "", "| defence | effect − ST's effect (pp) | conclusion at 95 % |", "|---|---|---|"]
+        lines += [f"| {name} | {_interval(m)} | {_verdict(m)} |" for name, m in paired.items()]
     prov, cfg = summary.get("provenance", {}), summary.get("config", {})
+    isa = prov.get("cpu_isa", {})
     lines += ["", "Per-seed tables, plots and every number: `seed-N/results.md`, `seed-N/results.json`.",
               f"Dataset {cfg.get('dataset')}, model {cfg.get('model')}; memdisc {prov.get('memdisc')}, "
-              f"torch {prov.get('torch')}, commit `{prov.get('commit')}`, device {prov.get('device')}."]
+              f"torch {prov.get('torch')}, commit `{prov.get('commit')}`, device {prov.get('device')}; "
+              f"CPU {isa.get('cpu')}, instruction sets: memdisc kernels {isa.get('memdisc')}, ATen "
+              f"{isa.get('aten')}, oneDNN {isa.get('onednn')}."]
     return "\n".join(lines) + "\n"
 
 

@@ -108,8 +108,12 @@ class Precision:
     """How a correction loop runs the model passes (the final train step is unaffected).
 
     channels_last: True, False, or "auto" (on CPU only): convert the networks and 4-d
-        inputs to the channels-last memory format.  On the 2-core CPU this ran the DSC
-        step 2.3-3.4x faster with the same corrected batches (bench/NOTES.md).
+        inputs to the channels-last memory format (speed: bench/NOTES.md).  It computes the
+        same function in another summation order: logits, discrepancies and input gradients
+        agree with NCHW to float32 rounding, but the corrected batches are not always equal:
+        a sign step at a near-zero gradient, or a max-pool window with tied maxima, may go
+        the other way (on one AVX2 CPU 98.4 % of the elements of a test batch were equal).
+        Both are valid corrections: in the box and the eps-ball, each row stopped by its rule.
     autocast: None (float32), "bfloat16" or "float16": ``torch.autocast`` around the
         forward passes of the correction; the discrepancy op still accumulates in float32.
     cuda_graph: capture the whole fixed-length correction loop as a CUDA graph once per

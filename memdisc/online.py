@@ -7,7 +7,7 @@ Data split (all seeded):
 * heldout: clean training samples the defender may use (DSC calibration);
 * test set: the attacker's validation batch S_val and clean trigger S_T are drawn
   from it, the rest is the evaluation set (per-step error on its first
-  ``eval_size`` samples, before/after-trigger error on all of it).
+  ``eval_size`` samples, all of it by default, as the seed; before/after-trigger error on all of it).
 
 Per step s: the attacker poisons the incoming batch (if attacking) -> MD of
 the poisoned batch and of its clean counterpart are recorded (evaluation only,
@@ -30,7 +30,7 @@ from memdisc.artifacts import (atomic_torch_save, load_snapshot, model_from_snap
 from memdisc.attacks import AccumulativeAttack, AttackConfig
 from memdisc.burnin import resolve_device, snapshot_path
 from memdisc.config import field, section, to_dict
-from memdisc.data import BatchStream, load_dataset
+from memdisc.data import BatchStream, load_dataset, mirror_ok
 from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, Precision, SeedAT,
                                ThresholdSchedule)
 from memdisc.evaluate import error_rate
@@ -78,7 +78,8 @@ class OnlineConfig:
     max_steps: int = field(100, "maximum accumulative steps")
     stop_rise: float = field(0.05, "stop accumulating once the eval error exceeds burn-in error + this")
     stop_error: float | None = field(None, "absolute stop threshold instead (seed: 0.18 on CIFAR-10)")
-    eval_size: int = field(1000, "test samples evaluated after every step")
+    eval_size: int | None = field(None, "test samples evaluated after every step, where the stop rule reads the "
+                                        "error (none: the whole evaluation set, as the seed)")
     val_size: int = field(500, "attacker's validation batch S_val (from the test set)")
     heldout_size: int = field(500, "defender's clean held-out training samples (DSC calibration)")
     channels_last: str = field("auto", "channels-last memory format for the correction loops: true, false, "
@@ -87,6 +88,8 @@ class OnlineConfig:
     cuda_graph: bool = field(False, "capture each correction loop as a CUDA graph and replay it (CUDA only; "
                                     "not yet measured on a GPU)")
     repeat_first: bool = field(False, "seed behaviour: the stream repeats the first batch every step")
+    augment: bool | None = field(None, "augment the stream's batches (crop + flip) as the seed's loader does "
+                                       "(none: as the burn-in did)")
     checkpoint_every: int = field(10, "save resumable state every N steps")
     seed: int = field(0, "random seed (stream, splits, attack)")
     device: str = field("auto", "cpu, cuda or auto")
@@ -99,7 +102,7 @@ class OnlineConfig:
         if self.defense not in DEFENSES:
             raise ValueError(f"defense: expected one of {', '.join(DEFENSES)}, got {self.defense!r}")
         for name in ("batch_size", "max_steps", "eval_size", "val_size", "heldout_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.out is None:
             tag = "-control" if self.control else ""
@@ -126,11 +129,16 @@ def _split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
     return out
 
 
+def precision_of(cfg: OnlineConfig) -> Precision:
+    """How the run's model passes execute (memory format, autocast, CUDA graphs)."""
+    return Precision({"true": True, "false": False}.get(cfg.channels_last.lower(), cfg.channels_last),
+                     cfg.autocast, cfg.cuda_graph)
+
+
 def build_defense(cfg: OnlineConfig, snapshots: SnapshotSet, heldout) -> Defense:
     """The defence named by ``cfg.defense``."""
     b, d = cfg.baselines, cfg.dsc
-    precision = Precision({"true": True, "false": False}.get(cfg.channels_last.lower(), cfg.channels_last),
-                          cfg.autocast, cfg.cuda_graph)
+    precision = precision_of(cfg)
     if cfg.defense == "ST":
         return Defense()
     if cfg.defense == "GC":
@@ -159,7 +167,9 @@ class OnlineRun:
         val_idx, trig_idx, eval_idx = _split(len(test), [cfg.val_size, cfg.batch_size], cfg.seed + 1)
         dev = self.device
         self.heldout = tuple(t.to(dev) for t in train.batch(heldout_idx))
-        self.stream = BatchStream(train.subset(stream_idx), cfg.batch_size, cfg.seed, repeat_first=cfg.repeat_first)
+        augment = bcfg.get("augment", False) if cfg.augment is None else cfg.augment
+        self.stream = BatchStream(train.subset(stream_idx), cfg.batch_size, cfg.seed, repeat_first=cfg.repeat_first,
+                                  augment=augment, flip=mirror_ok(bcfg["dataset"]))
         x_eval, y_eval = (t.to(dev) for t in test.batch(eval_idx))
         self.eval_all = (x_eval, y_eval)
         self.eval_step = (x_eval[:cfg.eval_size], y_eval[:cfg.eval_size])
@@ -169,7 +179,9 @@ class OnlineRun:
                    for e in _int_list("history_epochs", cfg.history_epochs)]
         self.snapshots = SnapshotSet(history, tuple(_int_list("ring_lags", cfg.ring_lags))).to(dev)
         self.defense = build_defense(cfg, self.snapshots, self.heldout)
-        self.defense.prepare(self.model, self.heldout[0][:1])  # formats fixed before any step (exact resume)
+        # Memory formats fixed before any step (exact resume), the same for every defence and the control.
+        precision_of(cfg).prepare(self.heldout[0][:1], self.model)
+        self.defense.prepare(self.model, self.heldout[0][:1])
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.attack = None

@@ -15,7 +15,7 @@ from memdisc.artifacts import (atomic_torch_save, atomic_write_bytes, atomic_wri
                                load_snapshot, model_from_snapshot, provenance, save_snapshot, write_json)
 from memdisc.models import build_model
 
-PROVENANCE_KEYS = {"memdisc", "torch", "numpy", "python", "commit", "device", "extension", "seed"}
+PROVENANCE_KEYS = {"memdisc", "torch", "numpy", "python", "commit", "device", "cpu_isa", "extension", "seed"}
 
 
 def _mode(path) -> int:
@@ -69,6 +69,10 @@ def test_provenance_keys_and_values():
     assert set(info) == PROVENANCE_KEYS
     assert info["memdisc"] == memdisc.__version__ and info["torch"] == torch.__version__
     assert info["seed"] == 7 and isinstance(info["extension"], bool)
+    isa = info["cpu_isa"]
+    assert set(isa) == {"cpu", "memdisc", "aten", "onednn"}
+    assert isa["aten"] == torch.backends.cpu.get_cpu_capability()
+    assert isa["onednn"] == os.environ.get("ONEDNN_MAX_CPU_ISA", "unrestricted")
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", info["commit"])
     assert "cpus" in info["device"]
     json.dumps(info)  # must be recordable as JSON

@@ -129,6 +129,13 @@ def test_config_trigger_schedule_defaults():
     assert AttackConfig(trigger_step_size=0.01).trigger_schedule() == (0.2, 2, 0.01)
 
 
+def test_config_poison_step_follows_eps_and_steps_unless_set():
+    """The seed steps 2 * eps / steps: changing eps or steps alone keeps that rule."""
+    assert AttackConfig().poison_schedule() == (0.2, 2, 0.2)
+    assert AttackConfig(eps=0.1, steps=4).poison_schedule() == (0.1, 4, 0.05)
+    assert AttackConfig(eps=0.1, steps=4, step_size=0.03).poison_schedule() == (0.1, 4, 0.03)
+
+
 def test_attack_rejects_bad_inputs():
     x, y, xt, yt, xv, yv = make_data()
     with pytest.raises(ValueError, match="^y_trigger:"):
@@ -230,9 +237,10 @@ def test_perturbations_respect_eps_and_box(device):
         assert (crafted != clean).any()
 
 
-@pytest.mark.parametrize("scale,batch,n_clean", [(0.7, 10, 3), (0.5, 9, 4), (0.0, 8, 8)])
+@pytest.mark.parametrize("scale,batch,n_clean", [(0.7, 10, 3), (0.5, 9, 5), (0.0, 8, 8), (0.29, 100, 72),
+                                                (0.99, 10, 1)])
 def test_poison_scale_leaves_exactly_the_clean_rows_bit_identical(scale, batch, n_clean):
-    # round() is Python's: round(4.5) == 4 for (0.5, 9).
+    # The seed's rule: B - int(poison_scale * B) rows stay clean (int truncates: 0.29 * 100 = 28.999...).
     model = make_model("mlp")
     x, y, xt, yt, xv, yv = make_data(batch=batch)
     attack = AccumulativeAttack(AttackConfig(poison_scale=scale), xt, yt, xv, yv, seed=7)
@@ -245,7 +253,7 @@ def test_poison_scale_leaves_exactly_the_clean_rows_bit_identical(scale, batch, 
         assert (xp[poisoned] != x[poisoned]).any()
     xtp, _ = attack.trigger_batch(model)
     clean_t = ~attack.trigger_poisoned_mask
-    assert int(clean_t.sum()) == round((1 - scale) * 8)
+    assert int(clean_t.sum()) == 8 - int(scale * 8)
     assert torch.equal(xtp[clean_t], xt[clean_t])
 
 
@@ -349,9 +357,10 @@ def test_fast_path_equals_seed_port(device, kind, terms, scale):
                                poison_mask=attack.trigger_poisoned_mask)
     assert_signed_steps_close(xtp, ref_t, eps=eps, steps=steps, step_size=step_size)
     xp, poisoned = attack.poison(model, x, y, 0)
-    ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=cfg.eps, steps=cfg.steps,
-                                  step_size=cfg.step_size, gamma=cfg.gamma, terms=terms, poison_mask=poisoned)
-    assert_signed_steps_close(xp, ref, eps=cfg.eps, steps=cfg.steps, step_size=cfg.step_size)
+    eps, steps, step_size = cfg.poison_schedule()
+    ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=eps, steps=steps, step_size=step_size,
+                                  gamma=cfg.gamma, terms=terms, poison_mask=poisoned)
+    assert_signed_steps_close(xp, ref, eps=eps, steps=steps, step_size=step_size)
 
 
 def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
@@ -368,10 +377,11 @@ def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
     assert_signed_steps_close(xtp, ref_t, eps=eps, steps=steps, step_size=step_size)
     xp, poisoned = attack.poison(model, x, y, 2)
     assert torch.equal(xp[~poisoned], x[~poisoned])
-    ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=cfg.eps, steps=cfg.steps,
-                                  step_size=cfg.step_size, gamma=cfg.gamma)
-    assert_signed_steps_close(xp, torch.where(poisoned.view(-1, 1, 1, 1), ref, x), eps=cfg.eps, steps=cfg.steps,
-                              step_size=cfg.step_size)
+    eps, steps, step_size = cfg.poison_schedule()
+    ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=eps, steps=steps, step_size=step_size,
+                                  gamma=cfg.gamma)
+    assert_signed_steps_close(xp, torch.where(poisoned.view(-1, 1, 1, 1), ref, x), eps=eps, steps=steps,
+                              step_size=step_size)
     held = AccumulativeAttack(dataclasses.replace(cfg, reset_clean_rows=False), xt, yt, xv, yv, seed=3)
     held.prepare(model)
     assert not torch.equal(held.poison(model, x, y, 2)[0], xp)  # C = 2: the two orders differ

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import memdisc.burnin as burnin_module
 from memdisc.cli import main
@@ -78,9 +79,11 @@ def test_info_prints_json(capsys):
     assert {"memdisc", "torch", "commit", "device"} <= set(info)
     assert info["extension_error"] is None or not info["extension"]
     if info["extension"]:
-        assert info["extension_build"].startswith("torch=") and info["cpu_isa"] in ("avx512", "avx2", "default")
+        assert info["extension_build"].startswith("torch=") and info["cpu_isa"]["memdisc"] in ("avx512", "avx2",
+                                                                                                "default")
     else:
-        assert info["extension_build"] is None and info["cpu_isa"] is None
+        assert info["extension_build"] is None and info["cpu_isa"]["memdisc"] == "reference"
+    assert info["cpu_isa"]["aten"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(info["cuda_available"], bool)
 
 

@@ -13,7 +13,7 @@ import torch
 from formats import write_pickle
 
 from memdisc.burnin import BurninConfig
-from memdisc.compare import PRESETS, load_compare_config, run_compare
+from memdisc.compare import PRESETS, load_compare_config, run_compare, spread, summarize_seeds, summary_markdown
 from memdisc.config import to_dict
 from memdisc.online import DSCConfig, OnlineConfig
 
@@ -197,6 +197,31 @@ def test_repeats_run_each_seed_and_summarise_over_seeds(tiny_fashion_mnist, sing
     assert json.loads((out / "summary.json").read_text())["runs"]["ST"]["attack_effect"]["values"] == expected
     table = (out / "summary.md").read_text()
     assert "| ST |" in table and "| control |" in table and f"{100 * expected[0]:+.1f}" in table
+
+
+def test_spread_is_mean_std_and_the_student_t_interval():
+    # n = 5: t_{0.975, 4} = 2.7764451051977987 (scipy); mean 3, std sqrt(2.5)
+    m = spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m["mean"] == 3.0 and m["std"] == pytest.approx(2.5 ** 0.5)
+    half = 2.7764451051977987 * 2.5 ** 0.5 / 5 ** 0.5
+    assert m["ci95"] == pytest.approx([3.0 - half, 3.0 + half])
+    assert spread([0.4]) == {"values": [0.4], "mean": 0.4, "std": None, "ci95": None}
+    assert spread([])["mean"] is None
+
+
+def test_summary_compares_each_defence_with_st_on_the_same_seeds():
+    def result(effects):
+        runs = {name: {"error_before_trigger": 0.1, "error_after_trigger": 0.2, "error_delta": 0.1, "steps_run": 3,
+                       "detection": {"per_sample": None, "per_batch": None}} for name in ("control", *effects)}
+        return {"runs": runs, "attack_effect": effects}
+    per_seed = {s: result({"ST": 0.08 + 0.01 * s, "DSC-batch": 0.01 + 0.002 * s, "GC": 0.08 + 0.011 * s})
+                for s in range(5)}
+    summary = summarize_seeds(per_seed)
+    dsc, gc = summary["runs"]["DSC-batch"]["vs_st"], summary["runs"]["GC"]["vs_st"]
+    assert dsc["values"] == pytest.approx([-0.07 - 0.008 * s for s in range(5)])
+    assert dsc["ci95"][1] < 0 and gc["ci95"][0] > 0 and "vs_st" not in summary["runs"]["ST"]
+    table = summary_markdown(summary)
+    assert "| DSC-batch |" in table and "lower than ST" in table and "higher than ST" in table
 
 
 def test_repeats_must_be_positive():

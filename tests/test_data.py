@@ -13,6 +13,7 @@ import torch
 from formats import idx_bytes, write_pickle
 
 import memdisc.data.datasets as datasets_module
+from memdisc.data.stream import _generator as _stream_generator
 from memdisc.data import (DATASETS, BatchStream, DatasetFormatError, DatasetNotFoundError, ImageDataset,
                           augment_batch, iterate_minibatches, load_dataset, mirror_ok)
 
@@ -524,6 +525,22 @@ def test_stream_repeat_first_is_the_seed_behaviour():
         torch.testing.assert_close(x, ds.images[:10].float() / 255, rtol=0, atol=0)
         assert torch.equal(y, ds.labels[:10])
     assert stream.batch_at(10 ** 6)[2].tolist() == list(range(10))
+
+
+def test_stream_augment_reaugments_every_step_and_resumes_exactly():
+    """The seed's loader re-augments every batch it yields, the repeated first batch too; the
+    augmentation of step s is a function of (seed, s) alone, so a resumed stream gives the same batch."""
+    ds = index_dataset(100)
+    stream = BatchStream(ds, 10, seed=3, repeat_first=True, augment=True)
+    plain = BatchStream(ds, 10, seed=3, repeat_first=True).batch_at(0)[0]
+    batches = [stream.batch_at(step)[0] for step in range(3)]
+    assert not torch.equal(batches[0], batches[1]) and not torch.equal(batches[0], plain)
+    for step in (2, 0, 1):
+        assert torch.equal(BatchStream(ds, 10, seed=3, repeat_first=True, augment=True).batch_at(step)[0],
+                           batches[step])
+    unflipped = BatchStream(ds, 10, seed=3, augment=True, flip=False).batch_at(0)[0]
+    gen = _stream_generator(3, 1, 0)
+    assert torch.equal(unflipped, augment_batch(BatchStream(ds, 10, seed=3).batch_at(0)[0], gen, flip=False))
 
 
 @pytest.mark.parametrize("kwargs,argument", [

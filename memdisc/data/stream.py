@@ -90,15 +90,21 @@ class BatchStream:
     ``repeat_first=True`` reproduces the seed code (shuffling off, batch 100): every
     step returns samples ``0 .. batch_size-1`` of the dataset, in order.
 
+    ``augment=True`` passes each batch through :func:`augment_batch` (``flip`` passed
+    on) with a generator seeded with ``SeedSequence([seed, 1, step])``, as the seed's
+    training loader re-augments every batch it yields (the repeated one too).
+
     Iterating yields ``batch_at(0), batch_at(1), ...`` forever.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, repeat_first: bool = False) -> None:
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, repeat_first: bool = False,
+                 augment: bool = False, flip: bool = True) -> None:
         _check_dataset(dataset)
         self.dataset = dataset
         self.batch_size = _check_int("batch_size", batch_size, 1, len(dataset))
         self.seed = _check_int("seed", seed, 0)
         self.repeat_first = bool(repeat_first)
+        self.augment, self.flip = bool(augment), bool(flip)
         self._pass = -1  # pass whose permutation is cached in self._order
         self._order = torch.arange(len(dataset))
 
@@ -114,8 +120,7 @@ class BatchStream:
             return torch.arange(self.batch_size)
         pass_index, position = divmod(step, self.batches_per_pass)
         if pass_index != self._pass:
-            state = np.random.SeedSequence([self.seed, pass_index]).generate_state(1, np.uint64)[0]
-            self._order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(int(state)))
+            self._order = torch.randperm(len(self.dataset), generator=_generator(self.seed, pass_index))
             self._pass = pass_index
         return self._order[position * self.batch_size:(position + 1) * self.batch_size]
 
@@ -123,11 +128,19 @@ class BatchStream:
         """The batch at ``step``: ``(x float32 [b, C, H, W] in [0, 1], y int64 [b], index int64 [b])``."""
         index = self.indices_at(step)
         x, y = self.dataset.batch(index)
+        if self.augment:
+            x = augment_batch(x, _generator(self.seed, 1, step), flip=self.flip)
         return x, y, index
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for step in itertools.count():
             yield self.batch_at(step)
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded with ``SeedSequence(key)``: one independent stream per key."""
+    state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
