@@ -1,7 +1,9 @@
 """Files a run writes: atomic writes, provenance, run directories, snapshots.
 
 Every file is written to a temporary name in the same directory and renamed
-into place, so a killed run never leaves a half-written file behind.
+into place, so a killed run never leaves a half-written file behind; the
+temporary file a kill leaves (``.NAME.XXXXXXXX.tmp``) is removed by
+:func:`remove_stale_temp_files` when the run starts again.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,23 +23,53 @@ import torch
 import memdisc
 
 
+# The temporary names of atomic_write_bytes: mkstemp's prefix ".NAME." + 8 characters of [a-z0-9_] + ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
+    """Write ``data`` to ``path`` atomically (temp file ``.NAME.XXXXXXXX.tmp`` + fsync + os.replace).
+
+    An OSError (read-only or full directory, a file where a folder should be) is raised again
+    naming ``path`` and what to check.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"cannot write it ({exc.strerror}); check that its directory is writable "
+                          "and has free space", str(path)) from exc
         raise
     return path
+
+
+def remove_stale_temp_files(*directories: str | Path) -> list[Path]:
+    """Delete the temporary files that a run killed inside :func:`atomic_write_bytes` left in
+    ``directories`` (each one level, not recursive; missing folders are skipped).
+
+    Only names of memdisc's own pattern ``.NAME.XXXXXXXX.tmp`` are touched.  Call it when a run
+    (re)starts in directories it owns, after checking that they hold this run.  Returns the
+    removed paths.
+    """
+    removed = []
+    for directory in map(Path, directories):
+        if directory.is_dir():
+            for path in sorted(directory.iterdir()):
+                if _TEMP_NAME.fullmatch(path.name) and path.is_file():
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -46,6 +79,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path, remedy: str, objects: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object in ``path``, whose keys ``objects`` must hold JSON objects; otherwise a
+    ValueError naming the file, what is wrong and ``remedy`` (what to do)."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({exc}); {remedy}") from exc
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), dict) for k in objects):
+        wanted = f" with {', '.join(objects)}" if objects else ""
+        raise ValueError(f"{path}: not the JSON object{wanted} memdisc writes; {remedy}")
+    return value
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -122,17 +168,26 @@ def save_snapshot(path: str | Path, *, model: torch.nn.Module, model_spec: dict[
     return atomic_torch_save(payload, path)
 
 
-def load_snapshot(path: str | Path) -> dict[str, Any]:
-    """Load a snapshot written by ``save_snapshot``; clear errors for a missing or foreign file."""
+def load_torch_file(path: str | Path, remedy: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of a file memdisc wrote; a damaged file is a ValueError naming it and ``remedy``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ValueError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc}); {remedy}") from exc
+
+
+_SNAPSHOT_REMEDY = "the file is damaged: run the burn-in again in a fresh --out directory"
+
+
+def load_snapshot(path: str | Path, remedy: str = _SNAPSHOT_REMEDY) -> dict[str, Any]:
+    """Load a snapshot written by ``save_snapshot``; errors naming the file for a missing, damaged
+    (ending in ``remedy``: what to do) or foreign one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"snapshot: no such file {path} (run `memdisc burnin` first)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises several types for a damaged file
-        raise ValueError(f"snapshot: {path} is not a readable torch file: {exc}") from exc
+        raise FileNotFoundError(f"{path}: no such snapshot (run `memdisc burnin` first)")
+    payload = load_torch_file(path, remedy)
     if not isinstance(payload, dict) or payload.get("format") != "memdisc-snapshot-1":
-        raise ValueError(f"snapshot: {path} is not a memdisc snapshot")
+        raise ValueError(f"{path}: not a memdisc snapshot; {remedy}")
     return payload
 
 

@@ -57,6 +57,47 @@ def test_failed_write_of_a_new_file_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_write_that_fails_names_the_target_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "out" / "config.json"  # a file where a folder should be
+    with pytest.raises(OSError) as info:
+        write_json(target, {})
+    assert info.value.filename == str(target)
+    assert info.value.strerror.startswith("cannot write it (") and "writable" in info.value.strerror
+
+
+def test_stale_temp_files_of_killed_writes_are_removed(tmp_path):
+    """A kill inside atomic_write_bytes leaves its temp file; only that pattern is removed, one level deep."""
+    write_json(tmp_path / "result.json", {"a": 1})
+    # the names mkstemp gives: .NAME. + 8 characters of [a-z0-9_] + .tmp
+    stale = [tmp_path / ".result.json.k2_x9aq0.tmp", tmp_path / ".state.pt.abcdefgh.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    kept = [tmp_path / name
+            for name in (".hidden.tmp", "notes.tmp", ".x.abc.tmp", ".x.ABCDEFGH.tmp", "a.b.abcdefgh.tmp")]
+    for path in kept:
+        path.write_text("not memdisc's")
+    (tmp_path / "sub").mkdir()
+    deeper = tmp_path / "sub" / ".state.pt.abcdefgh.tmp"
+    deeper.write_text("")
+    assert artifacts.remove_stale_temp_files(tmp_path, tmp_path / "absent") == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(["result.json", "sub", *(p.name for p in kept)])
+    assert deeper.exists() and artifacts.remove_stale_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("text, problem", [("{not json", "not valid JSON"), ("[1, 2]", "not the JSON object"),
+                                           ('{"config": 3}', "not the JSON object with config"),
+                                           ("\udcff", "not valid JSON")])
+def test_read_json_names_the_file_and_what_to_do(tmp_path, text, problem):
+    path = tmp_path / "result.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError) as info:
+        artifacts.read_json(path, "delete it", objects=("config",))
+    assert str(info.value).startswith(f"{path}: {problem}") and str(info.value).endswith("; delete it")
+    path.write_text('{"config": {"a": 1}}')
+    assert artifacts.read_json(path, "delete it", objects=("config",)) == {"config": {"a": 1}}
+
+
 def test_write_json_round_trip(tmp_path):
     obj = {"b": [1, 2.5, None], "a": {"nested": True}}
     text = write_json(tmp_path / "o.json", obj).read_text()
@@ -125,20 +166,22 @@ def test_snapshot_without_optimizer(tmp_path, tiny_model):
 
 
 def test_load_snapshot_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"snapshot: no such file .*nope\.pt.*memdisc burnin"):
+    with pytest.raises(FileNotFoundError, match=r"^\S*nope\.pt: no such snapshot .*memdisc burnin"):
         load_snapshot(tmp_path / "nope.pt")
 
 
 def test_load_snapshot_not_a_torch_file(tmp_path):
     path = tmp_path / "text.pt"
     path.write_text("hello, I am not a checkpoint\n")
-    with pytest.raises(ValueError, match=r"snapshot: .*text\.pt is not a readable torch file"):
+    with pytest.raises(ValueError, match=r"^\S*text\.pt: not a readable torch file \(.*\); the file is damaged"):
         load_snapshot(path)
+    with pytest.raises(ValueError, match=r"text\.pt: not a readable torch file .*; delete it"):
+        load_snapshot(path, remedy="delete it")
 
 
 @pytest.mark.parametrize("payload", [{"state_dict": {}}, [1, 2], {"format": "other-1"}])
 def test_load_snapshot_foreign_torch_file(tmp_path, payload):
     path = tmp_path / "foreign.pt"
     torch.save(payload, path)
-    with pytest.raises(ValueError, match=r"snapshot: .*foreign\.pt is not a memdisc snapshot"):
+    with pytest.raises(ValueError, match=r"^\S*foreign\.pt: not a memdisc snapshot; "):
         load_snapshot(path)
