@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.config import field
+from memdisc.config import OptionError, check_choice, check_int, check_number, field
 from memdisc.ops import pgd_step_
 
 __all__ = ["NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment", "accumulative_direction",
@@ -253,24 +252,24 @@ class AttackConfig:
     crafting_mode: str = field("eval", "model mode while crafting: eval (seed) or train")
 
     def __post_init__(self):
-        _number("eps", self.eps, minimum=0.0)
-        _count("steps", self.steps)
+        """Radii in [0, 1] (pixels are in [0, 1]), step sizes > 0, step counts >= 1, all finite."""
+        check_number("eps", self.eps, 0.0, 1.0)
+        check_int("steps", self.steps)
         if self.step_size is not None:
-            _number("step_size", self.step_size, minimum=0.0, strict=True)
+            check_number("step_size", self.step_size, 0.0, strict=True)
         if self.trigger_eps is not None:
-            _number("trigger_eps", self.trigger_eps, minimum=0.0)
+            check_number("trigger_eps", self.trigger_eps, 0.0, 1.0)
         if self.trigger_steps is not None:
-            _count("trigger_steps", self.trigger_steps)
+            check_int("trigger_steps", self.trigger_steps)
         if self.trigger_step_size is not None:
-            _number("trigger_step_size", self.trigger_step_size, minimum=0.0, strict=True)
-        _number("gamma", self.gamma)
-        _number("poison_scale", self.poison_scale, minimum=0.0, maximum=1.0)
+            check_number("trigger_step_size", self.trigger_step_size, 0.0, strict=True)
+        check_number("gamma", self.gamma)
+        check_number("poison_scale", self.poison_scale, 0.0, 1.0)
         for name, options in (("terms", _TERMS), ("clean_rows", _CLEAN_ROWS), ("crafting_mode", _MODES)):
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name}: expected one of {options}, got {getattr(self, name)!r}")
+            check_choice(name, getattr(self, name), options)
         for name in ("reset_clean_rows", "recraft_trigger"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+                raise OptionError(name, f"expected a bool, got {getattr(self, name)!r}")
 
     def poison_schedule(self) -> tuple[float, int, float]:
         """``(eps, steps, step_size)`` of the accumulative poison, the None default resolved."""
@@ -283,22 +282,6 @@ class AttackConfig:
         steps = self.steps if self.trigger_steps is None else self.trigger_steps
         step_size = 2.0 * eps / steps if self.trigger_step_size is None else self.trigger_step_size
         return eps, steps, step_size
-
-
-def _number(name: str, value, minimum: float | None = None, maximum: float | None = None,
-            strict: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (minimum is None or (value > minimum if strict else value >= minimum))
-    ok = ok and (maximum is None or value <= maximum)
-    if not ok:
-        bounds = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
-        bounds += "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name}: expected a finite number{bounds}, got {value!r}")
-
-
-def _count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
 
 
 def _check_batch(name_x: str, x, name_y: str, y) -> None:

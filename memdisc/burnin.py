@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from memdisc.artifacts import load_snapshot, provenance, save_snapshot, write_json
-from memdisc.config import field, to_dict
-from memdisc.data import iterate_minibatches, load_dataset, mirror_ok
+from memdisc.artifacts import load_snapshot, provenance, remove_stale_temp_files, save_snapshot, write_json
+from memdisc.config import check_choice, check_int, check_number, check_seed, comparable, field, to_dict
+from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
 from memdisc.evaluate import error_rate
-from memdisc.models import build_model
+from memdisc.models import MODELS, build_model
 
 
 @dataclasses.dataclass
 class BurninConfig:
     dataset: str = field("fashion-mnist", "dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn")
-    data_dir: str | None = field(None, "directory holding the dataset files (default: the dataset's standard place)")
+    data_dir: str | None = field(None, "directory holding the dataset files (default: the dataset's standard place)",
+                                 path="data")
     model: str = field("cnn", "model name: cnn, resnet18")
     norm: str = field("auto", "normalisation layers: auto, bn, gn, none")
     epochs: int = field(6, "training epochs (seed: 40 on CIFAR-10)")
@@ -47,17 +48,23 @@ class BurninConfig:
     test_subset: int | None = field(None, "evaluate on only the first N test images")
     seed: int = field(0, "random seed for initialisation and data order")
     device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
-    out: str | None = field(None, "run directory (default: runs/burnin-DATASET-MODEL-sSEED)")
+    out: str | None = field(None, "run directory (default: runs/burnin-DATASET-MODEL-sSEED)", path="run")
 
     def __post_init__(self):
+        """Known dataset, model and norm; counts >= 1; lr > 0, momentum and weight decay >= 0, finite;
+        a seed in [0, 2**32).  (The data files are checked when a run starts, before it writes.)"""
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("model", self.model, sorted(MODELS))
+        check_choice("norm", self.norm, ("auto", "bn", "gn", "none"))
         for name in ("epochs", "batch_size", "snapshot_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+            check_int(name, getattr(self, name))
         for name in ("train_subset", "test_subset"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1 or none, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_number("lr", self.lr, 0.0, strict=True)
+        check_number("momentum", self.momentum, 0.0)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        check_seed("seed", self.seed)
         if self.out is None:
             self.out = f"runs/burnin-{self.dataset}-{self.model}-s{self.seed}"
 
@@ -76,7 +83,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _resume_config_matches(saved: dict, current: dict) -> None:
+    """Refuse a checkpoint of another configuration (paths compared as :func:`comparable` makes them)."""
     ignore = {"epochs", "device", "out"}
+    saved, current = comparable(BurninConfig, saved), comparable(BurninConfig, current)
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
     if diff:
         raise ValueError(f"out: the run directory holds a checkpoint with another configuration {diff}; "
@@ -114,7 +123,7 @@ def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
     start_epoch = 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = load_snapshot(ckpt_path)
+        ckpt = load_snapshot(ckpt_path, remedy="delete it to restart the burn-in from epoch 1")
         _resume_config_matches(ckpt["config"], to_dict(cfg))
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -123,6 +132,7 @@ def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
             raise ValueError(f"epochs: the run directory {out} already holds {start_epoch} epochs, more than the "
                              f"{cfg.epochs} asked for; use a different --out or --epochs >= {start_epoch}")
         print(f"resuming {out} from epoch {start_epoch}")
+    remove_stale_temp_files(out, out / "snapshots")
     write_json(out / "config.json", {"command": "burnin", "config": to_dict(cfg), "provenance": provenance(cfg.seed, device)})
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):

@@ -7,6 +7,8 @@
 
 Every option can come from a TOML file (``--config``) or a flag; flags win.
 Each run writes its outputs and the configuration it used into one run directory.
+A bad option or file is one line on stderr, ``memdisc COMMAND: error: ...`` naming the
+option or the file, and exit status 2.
 """
 from __future__ import annotations
 
@@ -64,6 +66,12 @@ def _info(_cfg):
     print(json.dumps(info, indent=2))
 
 
+def _one_line(exc: ValueError | OSError) -> str:
+    """The error as one line: ``FILE: what is wrong`` for an OSError about a file, else its message."""
+    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    return " ".join(text.split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memdisc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = load_config(cls, args.config, overrides)
         fn(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"memdisc {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        print(f"memdisc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"memdisc {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -24,18 +24,21 @@ Presets set defaults that suit a set-up; TOML values and flags override them:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.stats
+import torch
 
-from memdisc.artifacts import atomic_write_text, provenance, write_json
-from memdisc.burnin import BurninConfig, resolve_device, run_burnin
-from memdisc.config import build, field, merge, read_toml, section, to_dict
+from memdisc.artifacts import atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
+from memdisc.burnin import BurninConfig, run_burnin
+from memdisc.config import (OptionError, build, check_choice, check_int, check_seed, comparable, field, merge,
+                            option_name, parse_int_list, read_toml, section, to_dict)
+from memdisc.data import DATASETS, check_dataset_files
 from memdisc.defenses import DEFENSES
+from memdisc.models import MODELS
 from memdisc.online import OnlineConfig, check_device, run_online
 from memdisc.report import write_report
 
@@ -56,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclasses.dataclass
 class CompareConfig:
     dataset: str = field("fashion-mnist", "dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn")
-    data_dir: str | None = field(None, "directory holding the dataset files")
+    data_dir: str | None = field(None, "directory holding the dataset files", path="data")
     model: str = field("cnn", "model name: cnn, resnet18")
     preset: str = field("auto", "defaults: cpu-demo, seed-cifar10, or auto (seed-cifar10 for cifar10+resnet18)")
     defenses: str = field(",".join(DEFENSES), "comma list of defences to compare (the control always runs)")
@@ -64,16 +67,30 @@ class CompareConfig:
     repeats: int = field(1, "independent repetitions with seeds seed, seed+1, ...: each in OUT/seed-N with its own "
                             "burn-in, plus a summary over seeds")
     device: str = field("auto", "cpu, cuda or auto")
-    out: str | None = field(None, "run directory (default: runs/compare-DATASET-MODEL-sSEED)")
+    out: str | None = field(None, "run directory (default: runs/compare-DATASET-MODEL-sSEED)", path="run")
     burnin: BurninConfig = section(BurninConfig, "burn-in options (dataset, model, seed, device, out come from above)")
     online: OnlineConfig = section(OnlineConfig, "online-phase options shared by every run")
 
     def __post_init__(self):
+        """Known defences, dataset and model; a seed in [0, 2**32); repeats >= 1; and every epoch
+        the online phase reads (history_epochs, start_epoch) one the burn-in saves a snapshot at."""
         unknown = [d for d in self.defense_list if d not in DEFENSES]
         if unknown:
-            raise ValueError(f"defenses: unknown {unknown}; expected names from {', '.join(DEFENSES)}")
-        if self.repeats < 1:
-            raise ValueError(f"repeats: expected >= 1, got {self.repeats}")
+            raise OptionError("defenses", f"unknown {unknown}; expected names from {', '.join(DEFENSES)}")
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("model", self.model, sorted(MODELS))
+        check_seed("seed", self.seed)
+        check_int("repeats", self.repeats)
+        b, o = self.burnin, self.online
+        saved = [e for e in range(1, b.epochs + 1) if e % b.snapshot_every == 0 or e == b.epochs]
+        read = {"history_epochs": parse_int_list("history_epochs", o.history_epochs),
+                "start_epoch": [] if o.start_epoch is None else [o.start_epoch]}
+        for name, epochs in read.items():
+            missing = [e for e in epochs if e not in saved]
+            if missing:
+                raise OptionError(f"online.{name}", f"the burn-in saves no snapshot at epoch {missing[0]}: it saves "
+                                  f"epochs {', '.join(map(str, saved))} (burnin.epochs {b.epochs}, "
+                                  f"burnin.snapshot_every {b.snapshot_every})")
         if self.out is None:
             self.out = f"runs/compare-{self.dataset}-{self.model}-s{self.seed}"
 
@@ -92,7 +109,7 @@ def _preset_name(values: dict[str, Any]) -> str:
     if name == "auto":
         return "seed-cifar10" if (values.get("dataset"), values.get("model")) == ("cifar10", "resnet18") else "cpu-demo"
     if name not in PRESETS:
-        raise ValueError(f"preset: expected auto or one of {sorted(PRESETS)}, got {name!r}")
+        raise ValueError(f"{option_name('preset')}: expected auto or one of {sorted(PRESETS)}, got {name!r}")
     return name
 
 
@@ -114,17 +131,22 @@ def _propagate(cfg: CompareConfig) -> CompareConfig:
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
-    """One comparison per seed (see the module docstring); returns the results (or the summary over seeds)."""
+    """One comparison per seed (see the module docstring); returns the results (or the summary over seeds).
+
+    Everything that can be checked is checked before any work or write (:func:`_check_start`).
+    """
+    seeds = [cfg] if cfg.repeats == 1 else [
+        _propagate(dataclasses.replace(cfg, seed=seed, repeats=1, out=str(Path(cfg.out) / f"seed-{seed}")))
+        for seed in range(cfg.seed, cfg.seed + cfg.repeats)]
+    device = _check_start(cfg, seeds)
     if cfg.repeats == 1:
-        return _run_one_seed(cfg, progress)
+        return _run_one_seed(cfg, device, progress)
     per_seed = {}
-    for seed in range(cfg.seed, cfg.seed + cfg.repeats):
+    for i, sub in enumerate(seeds, 1):
         if progress:
-            print(f"=== seed {seed} ({seed - cfg.seed + 1}/{cfg.repeats}) ===")
-        sub = _propagate(dataclasses.replace(cfg, seed=seed, repeats=1, out=str(Path(cfg.out) / f"seed-{seed}")))
-        per_seed[seed] = _run_one_seed(sub, progress)
-    summary = {**summarize_seeds(per_seed), "config": to_dict(cfg),
-               "provenance": provenance(cfg.seed, resolve_device(cfg.device))}
+            print(f"=== seed {sub.seed} ({i}/{cfg.repeats}) ===")
+        per_seed[sub.seed] = _run_one_seed(sub, device, progress)
+    summary = {**summarize_seeds(per_seed), "config": to_dict(cfg), "provenance": provenance(cfg.seed, device)}
     write_json(Path(cfg.out) / "summary.json", summary)
     path = atomic_write_text(Path(cfg.out) / "summary.md", summary_markdown(summary))
     if progress:
@@ -230,22 +252,35 @@ _RERUNNABLE = frozenset({"defenses", "device", "repeats"})
 
 def _check_out_dir(cfg: CompareConfig) -> None:
     """Refuse a run directory whose config.json holds a comparison with another configuration
-    (before anything in it is overwritten)."""
+    (paths compared as :func:`memdisc.config.comparable` makes them: the same directory under
+    another spelling, or moved, is the same comparison)."""
     path = Path(cfg.out) / "config.json"
     if not path.exists():
         return
-    saved = json.loads(path.read_text()).get("config", {})
-    diff = sorted(k for k, v in to_dict(cfg).items() if k not in _RERUNNABLE and saved.get(k) != v)
+    saved = read_json(path, "delete it (the burn-in and the runs in the directory check their own configurations)",
+                      objects=("config",))
+    saved, current = comparable(CompareConfig, saved["config"]), comparable(CompareConfig, to_dict(cfg))
+    diff = sorted(k for k, v in current.items() if k not in _RERUNNABLE and saved.get(k) != v)
     if diff:
-        raise ValueError(f"out: {cfg.out} holds a comparison with another configuration (differs in "
-                         f"{', '.join(diff)}); use another --out or delete the directory")
+        raise ValueError(f"{path}: a comparison with another configuration (differs in {', '.join(diff)}); "
+                         "use another --out or delete the directory")
 
 
-def _run_one_seed(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
+def _check_start(cfg: CompareConfig, seeds: list[CompareConfig]) -> torch.device:
+    """What a comparison checks before any work or write: the device, each seed's run directory
+    (:func:`_check_out_dir`) and the data files.  Then it removes the temporary files that killed
+    writes left in its own directories.  Returns the device."""
+    device = check_device(cfg.online, "online.")
+    for sub in seeds:
+        _check_out_dir(sub)
+    check_dataset_files(cfg.dataset, cfg.data_dir)
+    remove_stale_temp_files(*dict.fromkeys([cfg.out, *(sub.out for sub in seeds)]))
+    return device
+
+
+def _run_one_seed(cfg: CompareConfig, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Burn-in, control + every defence, results.json and the report.  Returns the results dict."""
     out = Path(cfg.out)
-    device = check_device(cfg.online)
-    _check_out_dir(cfg)
     write_json(out / "config.json", {"command": "compare", "config": to_dict(cfg),
                                      "provenance": provenance(cfg.seed, device)})
     burnin = run_burnin(cfg.burnin, progress=progress)

@@ -6,11 +6,17 @@ help text; an optional field also takes ``none`` (flag or TOML string) to
 unset it.  A field whose type is itself a dataclass is a *section*: a TOML
 table ``[section]`` and flags ``--section-field``.  Unknown keys and values of
 the wrong type are errors naming the key, never silent defaults.
+
+Values are checked in each dataclass's ``__post_init__`` with the validators below, which
+raise :class:`OptionError`; :func:`build` names the option as the user typed it (the
+dotted TOML key and the flag), so a bad value fails before any work or any write.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -19,14 +25,75 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with a help string for its command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def field(default: Any, help: str, path: str | None = None) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a help string for its command-line flag.
+
+    ``path``: "run" for a run directory memdisc writes (compared relative to the run's ``out``,
+    so a moved run directory stays the same run), "data" for an input folder (compared
+    resolved); see :func:`comparable`.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "path": path})
 
 
 def section(cls: type, help: str) -> Any:  # noqa: A002
     """A nested dataclass field (a TOML table, flags prefixed with its name)."""
     return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+class OptionError(ValueError):
+    """A bad value of one option: ``option`` is the field's name, ``expected`` what it takes."""
+
+    def __init__(self, option: str, expected: str):
+        super().__init__(f"{option}: {expected}")
+        self.option, self.expected = option, expected
+
+
+def option_name(key: str) -> str:
+    """How a user types option ``key`` (a dotted path such as ``online.dsc.quantile``): the TOML key
+    and the flag, ``online.dsc.quantile (--online-dsc-quantile)``."""
+    return f"{key} (--{key.replace('.', '-').replace('_', '-')})"
+
+
+def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None,
+                 strict: bool = False) -> None:
+    """A finite int or float (not a bool), ``>= minimum`` and ``<= maximum`` (``>`` and ``<`` if ``strict``)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (minimum is None or (value > minimum if strict else value >= minimum))
+    ok = ok and (maximum is None or (value < maximum if strict else value <= maximum))
+    if not ok:
+        bounds = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        bounds += "" if maximum is None else f"{' and' if bounds else ''} {'<' if strict else '<='} {maximum}"
+        raise OptionError(name, f"expected a finite number{bounds}, got {value!r}")
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    """An int (not a bool) in ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+            or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise OptionError(name, f"expected an integer {bounds}, got {value!r}")
+
+
+def check_seed(name: str, value) -> None:
+    """A random seed: an int in ``[0, 2**32 - 1]``."""
+    check_int(name, value, 0, 2 ** 32 - 1)
+
+
+def check_choice(name: str, value, options) -> None:
+    """One of ``options``."""
+    if value not in options:
+        raise OptionError(name, f"expected one of {', '.join(map(str, options))}, got {value!r}")
+
+
+def parse_int_list(name: str, text: str, minimum: int = 1) -> list[int]:
+    """The integers of a comma-separated list such as ``"10,20"`` (empty items skipped), each ``>= minimum``."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = None
+    if values is None or any(v < minimum for v in values):
+        raise OptionError(name, f"expected a comma-separated list of integers >= {minimum}, got {text!r}")
+    return values
 
 
 def _base_type(tp):
@@ -89,12 +156,14 @@ def _check_value(key: str, value: Any, annotation) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ValueError(f"{key}: expected {tp.__name__}{' or none' if optional else ''}, got {value!r}")
+        raise ValueError(f"{option_name(key)}: expected {tp.__name__}{' or none' if optional else ''}, "
+                         f"got {value!r}")
     return value
 
 
 def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
-    """Construct ``cls`` from a (nested) dict, validating names and types."""
+    """Construct ``cls`` from a (nested) dict, validating names, types and (``__post_init__``) values;
+    an error names the option by its dotted key and flag (:func:`option_name`)."""
     known = {f.name: (f, tp) for f, tp in _fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -107,7 +176,10 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
             kwargs[key] = build(tp, value, where + key + ".")
         else:
             kwargs[key] = _check_value(where + key, value, tp)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OptionError as exc:
+        raise ValueError(f"{option_name(where + exc.option)}: {exc.expected}") from None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -126,11 +198,11 @@ def read_toml(path: Path | str | None) -> dict[str, Any]:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config: no such file {path}")
+        raise ValueError(f"{path}: no such file (--config); give the path of a TOML file")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config: {path} is not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc}); fix the file given as --config") from exc
 
 
 def load_config(cls: type[T], toml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> T:
@@ -159,3 +231,26 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 def to_dict(config) -> dict[str, Any]:
     """The config as a JSON-serialisable (nested) dict."""
     return dataclasses.asdict(config)
+
+
+def comparable(cls: type, values: Any, root: Path | None = None) -> Any:
+    """A config dict of ``cls`` (e.g. one read back from a run directory) with its path options
+    made independent of how they were spelled and of where the run directory now is: a run
+    path (``field(path="run")``) becomes relative to the config's ``out``, a data path
+    absolute, both resolved.  Two dicts of the same run compare equal; anything that is not
+    a dict is returned as is (and so compares unequal)."""
+    if not isinstance(values, dict):
+        return values
+    if root is None:
+        root = Path(values.get("out") or ".").resolve()
+    known = {f.name: (f, tp) for f, tp in _fields(cls)}
+    out = {}
+    for key, value in values.items():
+        f, tp = known.get(key, (None, None))
+        if f is not None and dataclasses.is_dataclass(tp):
+            value = comparable(tp, value, root)
+        elif f is not None and f.metadata.get("path") and isinstance(value, str):
+            resolved = Path(value).resolve()
+            value = os.path.relpath(resolved, root) if f.metadata["path"] == "run" else str(resolved)
+        out[key] = value
+    return out

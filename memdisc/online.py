@@ -18,7 +18,6 @@ Accumulation stops when the error exceeds the stop threshold or after
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -26,10 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memdisc.artifacts import (atomic_torch_save, load_snapshot, model_from_snapshot, provenance, write_json)
+from memdisc.artifacts import (atomic_torch_save, load_snapshot, load_torch_file, model_from_snapshot, provenance,
+                               read_json, remove_stale_temp_files, write_json)
 from memdisc.attacks import AccumulativeAttack, AttackConfig
 from memdisc.burnin import resolve_device, snapshot_path
-from memdisc.config import field, section, to_dict
+from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
+                            option_name, parse_int_list, section, to_dict)
 from memdisc.data import BatchStream, load_dataset, mirror_ok
 from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, Precision, SeedAT,
                                ThresholdSchedule)
@@ -50,6 +51,19 @@ class DSCConfig:
     eps: float = field(0.2, "L-inf radius of the correction around the received batch")
     reduce: str = field("mean", "reduction over K snapshots: mean, max or min")
 
+    def __post_init__(self):
+        """A known threshold kind and reduction; finite tau0 and slope; 0 < quantile < 1; counts >= 1
+        (iters >= 0); step size > 0; eps in [0, 1] (pixels are in [0, 1])."""
+        check_choice("threshold", self.threshold, ("calibrated", "seed", "fixed"))
+        check_number("tau0", self.tau0)
+        check_number("slope", self.slope)
+        check_number("quantile", self.quantile, 0.0, 1.0, strict=True)
+        check_int("recalibrate_every", self.recalibrate_every)
+        check_int("iters", self.iters, 0)
+        check_number("step_size", self.step_size, 0.0, strict=True)
+        check_number("eps", self.eps, 0.0, 1.0)
+        check_choice("reduce", self.reduce, ("mean", "max", "min"))
+
 
 @dataclasses.dataclass
 class BaselineConfig:
@@ -61,10 +75,20 @@ class BaselineConfig:
     at_kl_weight: float | None = field(None, "AT-seed: weight of the KL-to-natural-output term (none: 1/C, "
                                              "as the seed's nn.KLDivLoss mean)")
 
+    def __post_init__(self):
+        """GC norm inf or 2 and bound > 0; AT steps >= 0, step size > 0, eps in [0, 1], KL weight >= 0."""
+        check_choice("gc_norm", self.gc_norm, ("inf", "2"))
+        check_number("gc_bound", self.gc_bound, 0.0, strict=True)
+        check_int("at_iters", self.at_iters, 0)
+        check_number("at_step_size", self.at_step_size, 0.0, strict=True)
+        check_number("at_eps", self.at_eps, 0.0, 1.0)
+        if self.at_kl_weight is not None:
+            check_number("at_kl_weight", self.at_kl_weight, 0.0)
+
 
 @dataclasses.dataclass
 class OnlineConfig:
-    burnin: str = field("runs/burnin-fashion-mnist-cnn-s0", "burn-in run directory (its snapshots)")
+    burnin: str = field("runs/burnin-fashion-mnist-cnn-s0", "burn-in run directory (its snapshots)", path="run")
     start_epoch: int | None = field(None, "burn-in epoch the online model starts from (default: the last)")
     history_epochs: str = field("3", "comma list of burn-in epochs used as historical snapshots")
     ring_lags: str = field("", "comma list of N: snapshots that follow the online model N steps behind")
@@ -93,27 +117,37 @@ class OnlineConfig:
     checkpoint_every: int = field(10, "save resumable state every N steps")
     seed: int = field(0, "random seed (stream, splits, attack)")
     device: str = field("auto", "cpu, cuda or auto")
-    out: str | None = field(None, "run directory (default: BURNIN/online-DEFENSE[-control]-sSEED)")
+    out: str | None = field(None, "run directory (default: BURNIN/online-DEFENSE[-control]-sSEED)", path="run")
     attack: AttackConfig = section(AttackConfig, "the accumulative attack")
     dsc: DSCConfig = section(DSCConfig, "DSC options")
     baselines: BaselineConfig = section(BaselineConfig, "GC / AT options")
 
     def __post_init__(self):
-        if self.defense not in DEFENSES:
-            raise ValueError(f"defense: expected one of {', '.join(DEFENSES)}, got {self.defense!r}")
+        """A known defence; epoch lists of integers >= 1 giving at least one snapshot; counts >= 1;
+        lr > 0, momenta and weight decay >= 0, stop thresholds finite; known channels_last and
+        autocast values; a seed in [0, 2**32)."""
+        check_choice("defense", self.defense, DEFENSES)
+        if self.start_epoch is not None:
+            check_int("start_epoch", self.start_epoch)
+        if not parse_int_list("history_epochs", self.history_epochs) + parse_int_list("ring_lags", self.ring_lags):
+            raise OptionError("history_epochs", "expected at least one snapshot: a burn-in epoch here or a lag in "
+                                                "ring_lags")
         for name in ("batch_size", "max_steps", "eval_size", "val_size", "heldout_size", "checkpoint_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_number("lr", self.lr, 0.0, strict=True)
+        for name in ("momentum", "weight_decay", "victim_momentum"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), 0.0)
+        check_number("stop_rise", self.stop_rise)
+        if self.stop_error is not None:
+            check_number("stop_error", self.stop_error)
+        check_choice("channels_last", self.channels_last.lower(), ("true", "false", "auto"))
+        check_choice("autocast", self.autocast, (None, "bfloat16", "float16"))
+        check_seed("seed", self.seed)
         if self.out is None:
             tag = "-control" if self.control else ""
             self.out = str(Path(self.burnin) / f"online-{self.defense}{tag}-s{self.seed}")
-
-
-def _int_list(name: str, text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as exc:
-        raise ValueError(f"{name}: expected a comma-separated list of integers, got {text!r}") from exc
 
 
 def _split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
@@ -131,7 +165,8 @@ def _split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
 
 def precision_of(cfg: OnlineConfig) -> Precision:
     """How the run's model passes execute (memory format, autocast, CUDA graphs)."""
-    return Precision({"true": True, "false": False}.get(cfg.channels_last.lower(), cfg.channels_last),
+    channels_last = cfg.channels_last.lower()
+    return Precision({"true": True, "false": False}.get(channels_last, channels_last),
                      cfg.autocast, cfg.cuda_graph)
 
 
@@ -176,8 +211,8 @@ class OnlineRun:
         self.trigger_clean = tuple(t.to(dev) for t in test.batch(trig_idx))
         self.model = model_from_snapshot(start, dev)
         history = [model_from_snapshot(self._load_burnin_snapshot(e), dev)
-                   for e in _int_list("history_epochs", cfg.history_epochs)]
-        self.snapshots = SnapshotSet(history, tuple(_int_list("ring_lags", cfg.ring_lags))).to(dev)
+                   for e in parse_int_list("history_epochs", cfg.history_epochs)]
+        self.snapshots = SnapshotSet(history, tuple(parse_int_list("ring_lags", cfg.ring_lags))).to(dev)
         self.defense = build_defense(cfg, self.snapshots, self.heldout)
         # Memory formats fixed before any step (exact resume), the same for every defence and the control.
         precision_of(cfg).prepare(self.heldout[0][:1], self.model)
@@ -249,9 +284,12 @@ def _resume_or_start(run: OnlineRun, state_path: Path) -> RunRecord:
         if run.attack is not None:
             run.attack.prepare(run.model)
         return RunRecord()
-    state = torch.load(state_path, map_location=run.device, weights_only=False)
-    if state["config"] != to_dict(cfg):
-        raise ValueError(f"out: {cfg.out} holds a run with another configuration; use another --out")
+    remedy = "delete it to restart this online run from step 0"
+    state = load_torch_file(state_path, remedy, run.device)
+    if not isinstance(state, dict) or set(state) != _STATE_KEYS:
+        raise ValueError(f"{state_path}: not the online state memdisc writes; {remedy}")
+    if comparable(OnlineConfig, state["config"]) != comparable(OnlineConfig, to_dict(cfg)):
+        raise ValueError(f"{state_path}: a run with another configuration; use another --out")
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.defense.load_state_dict(state["defense"])
@@ -260,6 +298,9 @@ def _resume_or_start(run: OnlineRun, state_path: Path) -> RunRecord:
         run.attack.load_state_dict(state["attack"])
     print(f"resuming {cfg.out} at step {state['progress']['step']}")
     return RunRecord(**state["progress"])
+
+
+_STATE_KEYS = {"config", "model", "optimizer", "defense", "snapshots", "attack", "progress"}
 
 
 def _save_state(run: OnlineRun, progress: RunRecord, state_path: Path) -> None:
@@ -303,11 +344,13 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     return err
 
 
-def check_device(cfg: OnlineConfig) -> torch.device:
-    """The device the run will use, refused early where an option cannot run on it."""
+def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
+    """The device the run will use, refused early where an option cannot run on it (``where``: the
+    options' section, as ``"online."`` in compare)."""
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device; --device {cfg.device} gives {device.type}")
+        raise ValueError(f"{option_name(where + 'cuda_graph')}: CUDA graphs need a CUDA device; --device "
+                         f"{cfg.device} gives {device.type}")
     return device
 
 
@@ -317,12 +360,13 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     result_path, state_path = out / "result.json", out / "state.pt"
     if result_path.exists():
-        done = json.loads(result_path.read_text())
-        if done.get("config") != to_dict(cfg):
-            raise ValueError(f"out: {out} holds a finished run with another configuration; use another --out")
+        done = read_json(result_path, "delete it to finish this online run again", objects=("config",))
+        if comparable(OnlineConfig, done["config"]) != comparable(OnlineConfig, to_dict(cfg)):
+            raise ValueError(f"{result_path}: a finished run with another configuration; use another --out")
         return done
     run = OnlineRun(cfg)
     rec = _resume_or_start(run, state_path)
+    remove_stale_temp_files(out)
     # written only once the out dir is known to hold no run with another configuration
     write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
                                      "provenance": provenance(cfg.seed, run.device)})

@@ -194,6 +194,35 @@ def test_checkpoint_of_another_config_refuses_to_resume(finished, tmp_path, chan
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_moved_run_with_its_data_dir_spelled_otherwise_resumes(finished, tiny_fashion_mnist, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Paths are compared resolved (data) and relative to the run (out), not as strings; a kill's
+    temporary files are removed on resume, other files are left alone."""
+    cfg, result = finished
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(cfg.out, moved)
+    stale = [moved / ".checkpoint.pt.abcd1234.tmp", moved / "snapshots" / ".epoch_002.pt.x_y_z_00.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (moved / "notes.tmp").write_text("mine")
+    monkeypatch.chdir(tiny_fashion_mnist.parent)
+    again = run_burnin(dataclasses.replace(cfg, out=str(moved), data_dir=f"./{tiny_fashion_mnist.name}/"),
+                       progress=False)
+    assert "resuming" in capsys.readouterr().out and again["history"] == result["history"]
+    assert not any(path.exists() for path in stale) and (moved / "notes.tmp").exists()
+
+
+def test_a_damaged_checkpoint_is_an_error_naming_it(finished, tmp_path):
+    cfg, _ = finished
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((Path(cfg.out) / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"^{out / 'checkpoint.pt'}: not a readable torch file \(.*\); delete it "
+                                         "to restart the burn-in from epoch 1"):
+        run_burnin(dataclasses.replace(cfg, out=str(out)), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
 def test_fewer_epochs_than_the_checkpoint_is_refused(finished, tmp_path):
     cfg, _ = finished
     out = tmp_path / "run"

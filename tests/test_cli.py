@@ -53,7 +53,65 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
     assert main(["burnin", "--config", str(tmp_path / "absent.toml")]) == 2
     assert "absent.toml" in capsys.readouterr().err
     assert main(["burnin", "--epochs", "0"]) == 2
-    assert capsys.readouterr().err == "memdisc burnin: error: epochs: expected >= 1, got 0\n"
+    assert capsys.readouterr().err == "memdisc burnin: error: epochs (--epochs): expected an integer >= 1, got 0\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--online-lr", "-0.1"], "online.lr (--online-lr): expected a finite number > 0.0, got -0.1"),
+    (["--online-dsc-quantile", "1.5"], "online.dsc.quantile (--online-dsc-quantile): expected a finite number > 0.0 "
+                                       "and < 1.0, got 1.5"),
+    (["--online-stop-rise", "nan"], "online.stop_rise (--online-stop-rise): expected a finite number, got nan"),
+    (["--burnin-lr", "nan"], "burnin.lr (--burnin-lr): expected a finite number > 0.0, got nan"),
+    (["--online-attack-eps", "2"], "online.attack.eps (--online-attack-eps): expected a finite number >= 0.0 and "
+                                   "<= 1.0, got 2.0"),
+    (["--seed", "-1"], "seed (--seed): expected an integer in [0, 4294967295], got -1"),
+    (["--online-history-epochs", "3,x"], "online.history_epochs (--online-history-epochs): expected a "
+                                         "comma-separated list of integers >= 1, got '3,x'")])
+def test_a_bad_compare_option_is_named_as_typed_and_nothing_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), *argv]) == 2
+    assert capsys.readouterr().err == f"memdisc compare: error: {message}\n"
+    assert not out.exists()
+
+
+def test_a_wrong_data_dir_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), "--device", "cpu", "--data-dir", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memdisc compare: error: Fashion-MNIST (train split) not found") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_damaged_files_are_one_line_errors_naming_the_file(tiny_fashion_mnist, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "config.json").write_text("{garbage")
+    assert main(["compare", "--out", str(out), "--device", "cpu", "--data-dir", str(tiny_fashion_mnist)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memdisc compare: error: {out / 'config.json'}: not valid JSON (") and "delete it" in err
+    assert err.count("\n") == 1
+    run = tmp_path / "burnin"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["burnin", "--out", str(run), "--device", "cpu", "--data-dir", str(tiny_fashion_mnist)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memdisc burnin: error: {run / 'checkpoint.pt'}: not a readable torch file (")
+    assert err.endswith("; delete it to restart the burn-in from epoch 1\n") and err.count("\n") == 1
+
+
+def test_an_unwritable_run_directory_is_a_one_line_error_naming_the_file(tiny_fashion_mnist, tmp_path, capsys):
+    (tmp_path / "a file").write_text("")
+    out = tmp_path / "a file" / "run"
+    argv = ["burnin", "--device", "cpu", "--data-dir", str(tiny_fashion_mnist), "--epochs", "1"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"memdisc burnin: error: {out / 'config.json'}: cannot write it (Not a "
+                                       "directory); check that its directory is writable and has free space\n")
+    if os.geteuid() != 0:  # root writes into a read-only directory anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main([*argv, "--out", str(locked)]) == 2
+        assert capsys.readouterr().err.startswith(f"memdisc burnin: error: {locked / 'config.json'}: cannot write it "
+                                                  "(Permission denied)")
 
 
 def test_bad_flag_and_missing_command_are_usage_errors(capsys):

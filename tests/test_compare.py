@@ -12,6 +12,7 @@ import pytest
 import torch
 from formats import write_pickle
 
+import memdisc.compare as compare_module
 from memdisc.burnin import BurninConfig
 from memdisc.compare import PRESETS, load_compare_config, run_compare, spread, summarize_seeds, summary_markdown
 from memdisc.config import to_dict
@@ -56,8 +57,9 @@ def test_a_named_preset_applies_to_any_dataset():
 
 def test_toml_overrides_the_preset_and_flags_override_both(tmp_path):
     toml = tmp_path / "compare.toml"
-    toml.write_text('dataset = "cifar10"\nmodel = "resnet18"\nseed = 4\n\n[burnin]\nepochs = 5\n\n'
-                    '[online]\nmax_steps = 7\nbatch_size = 50\n\n[online.dsc]\nthreshold = "fixed"\n')
+    toml.write_text('dataset = "cifar10"\nmodel = "resnet18"\nseed = 4\n\n[burnin]\nepochs = 5\nsnapshot_every = 1\n\n'
+                    '[online]\nmax_steps = 7\nbatch_size = 50\nhistory_epochs = "2"\n\n[online.dsc]\n'
+                    'threshold = "fixed"\n')
     cfg = load_compare_config(toml)
     assert (cfg.burnin.epochs, cfg.burnin.batch_size) == (5, 256)  # TOML over preset; the preset's rest stays
     assert (cfg.online.max_steps, cfg.online.batch_size, cfg.online.stop_error) == (7, 50, 0.18)
@@ -83,10 +85,10 @@ def test_shared_values_propagate_to_both_phases(tmp_path):
 
 
 def test_unknown_names_are_value_errors():
-    with pytest.raises(ValueError, match=r"defenses: unknown \['Nope'\]") as info:
+    with pytest.raises(ValueError, match=r"^defenses \(--defenses\): unknown \['Nope'\]") as info:
         load_compare_config(overrides={"defenses": "ST,Nope"})
     assert "DSC-sample" in str(info.value)
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match=r"^preset \(--preset\): expected auto or one of"):
         load_compare_config(overrides={"preset": "fast"})
     with pytest.raises(ValueError, match="burnin.epoch"):
         load_compare_config(overrides={"burnin": {"epoch": 3}})
@@ -128,10 +130,73 @@ def test_a_directory_of_another_comparison_is_refused_before_anything_is_written
     saved = {"command": "compare", "config": to_dict(load_compare_config(overrides=base)), "provenance": {}}
     (out / "config.json").write_text(json.dumps(saved))
     other = load_compare_config(overrides={**base, "online": {"lr": 0.01}})
-    with pytest.raises(ValueError, match=r"out: .* another configuration \(differs in online\)"):
+    with pytest.raises(ValueError, match=rf"^{out / 'config.json'}: a comparison with another configuration "
+                                         r"\(differs in online\)"):
         run_compare(other, progress=False)
     assert json.loads((out / "config.json").read_text()) == saved
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+class _Started(Exception):
+    """Raised in place of the burn-in: the comparison passed every check before its work."""
+
+
+def _stop_at_the_burnin(monkeypatch):
+    def started(*args, **kwargs):
+        raise _Started
+    monkeypatch.setattr(compare_module, "run_burnin", started)
+
+
+def test_the_same_directory_spelled_otherwise_or_moved_is_the_same_comparison(tiny_fashion_mnist, tmp_path,
+                                                                              monkeypatch):
+    first = tmp_path / "cmp"
+    base = {"data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu"}
+    saved = to_dict(load_compare_config(overrides={**base, "out": str(first)}))
+    first.mkdir()
+    (first / "config.json").write_text(json.dumps({"command": "compare", "config": saved, "provenance": {}}))
+    _stop_at_the_burnin(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    relative = {**base, "data_dir": f"{tiny_fashion_mnist}/.", "out": "cmp/"}
+    with pytest.raises(_Started):
+        run_compare(load_compare_config(overrides=relative), progress=False)
+    assert json.loads((first / "config.json").read_text())["config"]["out"] == "cmp/"
+    moved = tmp_path / "elsewhere" / "cmp"
+    first.rename(tmp_path / "elsewhere")
+    with pytest.raises(_Started):
+        run_compare(load_compare_config(overrides={**base, "out": str(moved)}), progress=False)
+
+
+def test_every_seed_directory_is_checked_before_any_work(tiny_fashion_mnist, tmp_path):
+    out = tmp_path / "rep"
+    base = {"data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu", "out": str(out), "repeats": 2}
+    (out / "seed-1").mkdir(parents=True)
+    other = to_dict(load_compare_config(overrides={**base, "repeats": 1, "seed": 1, "out": str(out / "seed-1"),
+                                                   "online": {"lr": 0.5}}))
+    (out / "seed-1" / "config.json").write_text(json.dumps({"config": other}))
+    with pytest.raises(ValueError, match=r"seed-1/config\.json: a comparison with another configuration"):
+        run_compare(load_compare_config(overrides=base), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["seed-1"]  # seed 0 was not started
+
+
+def test_missing_data_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST \\(train split\\) not found"):
+        run_compare(load_compare_config(overrides={"data_dir": str(tmp_path), "device": "cpu",
+                                                   "out": str(tmp_path / "cmp")}), progress=False)
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("online, message", [
+    ({"history_epochs": "3"}, r"^online.history_epochs \(--online-history-epochs\): the burn-in saves no snapshot "
+                              r"at epoch 3: it saves epochs 2, 4 \(burnin.epochs 4, burnin.snapshot_every 2\)"),
+    ({"start_epoch": 5, "history_epochs": "2"}, r"^online.start_epoch \(--online-start-epoch\): the burn-in "
+                                                r"saves no snapshot at epoch 5"),
+    ({"lr": -0.1}, r"^online.lr \(--online-lr\): expected a finite number > 0.0, got -0.1"),
+    ({"dsc": {"quantile": 1.5}}, r"^online.dsc.quantile \(--online-dsc-quantile\): expected"),
+    ({"attack": {"eps": 8}}, r"^online.attack.eps \(--online-attack-eps\): expected a finite number >= 0.0 and "
+                             r"<= 1.0, got 8")])
+def test_online_options_are_checked_when_the_config_is_loaded(online, message):
+    with pytest.raises(ValueError, match=message):
+        load_compare_config(overrides={"burnin": {"epochs": 4, "snapshot_every": 2}, "online": online})
 
 
 def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_path):
@@ -162,7 +227,8 @@ def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_pa
 def test_cuda_graph_without_a_cuda_device_is_refused_before_the_burnin(tiny_fashion_mnist, tmp_path):
     cfg = load_compare_config(overrides={"data_dir": str(tiny_fashion_mnist), "device": "cpu",
                                          "out": str(tmp_path / "cmp"), "online": {"cuda_graph": True}})
-    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need a CUDA device; --device cpu gives cpu"):
+    with pytest.raises(ValueError, match=r"^online.cuda_graph \(--online-cuda-graph\): CUDA graphs need a CUDA "
+                                         "device; --device cpu gives cpu"):
         run_compare(cfg, progress=False)
     assert not (tmp_path / "cmp").exists()
 
@@ -172,7 +238,8 @@ def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("memdisc compare: error: defenses: unknown ['Nope']"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("memdisc compare: error: defenses (--defenses): unknown ['Nope']"), \
+        proc.stderr
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 

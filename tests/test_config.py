@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import pytest
 
 from memdisc.burnin import BurninConfig
-from memdisc.config import (add_config_arguments, build, config_from_args, field, load_config, merge, read_toml,
-                            section, to_dict)
+from memdisc.config import (OptionError, add_config_arguments, build, check_choice, check_int, check_number,
+                            check_seed, comparable, config_from_args, field, load_config, merge, parse_int_list,
+                            read_toml, section, to_dict)
+from memdisc.online import OnlineConfig
 
 
 @dataclasses.dataclass
@@ -69,27 +72,28 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, text, key):
         load_config(Toy, _toml(tmp_path, text))
 
 
-@pytest.mark.parametrize("text, key", [
-    ('epochs = "3"\n', "epochs"),
-    ("epochs = 2.5\n", "epochs"),
-    ("epochs = true\n", "epochs"),
-    ("lr = true\n", "lr"),
-    ('lr = "0.1"\n', "lr"),
-    ('augment = "true"\n', "augment"),
-    ("augment = 1\n", "augment"),
-    ("name = 5\n", "name"),
-    ('subset = "all"\n', "subset"),
-    ("inner = 3\n", "inner"),
-    ('[inner]\nthreshold = "high"\n', "inner.threshold"),
+@pytest.mark.parametrize("text, name", [
+    ('epochs = "3"\n', "epochs (--epochs)"),
+    ("epochs = 2.5\n", "epochs (--epochs)"),
+    ("epochs = true\n", "epochs (--epochs)"),
+    ("lr = true\n", "lr (--lr)"),
+    ('lr = "0.1"\n', "lr (--lr)"),
+    ('augment = "true"\n', "augment (--augment)"),
+    ("augment = 1\n", "augment (--augment)"),
+    ("name = 5\n", "name (--name)"),
+    ('subset = "all"\n', "subset (--subset)"),
+    ("inner = 3\n", "inner"),  # a section: a TOML table, no flag of its own
+    ('[inner]\nthreshold = "high"\n', "inner.threshold (--inner-threshold)"),
 ])
-def test_wrong_type_is_an_error_naming_the_key(tmp_path, text, key):
-    with pytest.raises(ValueError, match=rf"^{key}: expected "):
+def test_wrong_type_is_an_error_naming_the_key_and_flag(tmp_path, text, name):
+    with pytest.raises(ValueError) as info:
         load_config(Toy, _toml(tmp_path, text))
+    assert str(info.value).startswith(f"{name}: expected ")
 
 
 def test_optional_accepts_none_only_where_declared():
     assert build(Toy, {"subset": None}).subset is None
-    with pytest.raises(ValueError, match=r"^epochs: expected int, got None"):
+    with pytest.raises(ValueError, match=r"^epochs \(--epochs\): expected int, got None"):
         build(Toy, {"epochs": None})
 
 
@@ -134,10 +138,13 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"config: no such file .*missing\.toml"):
+    with pytest.raises(ValueError, match=r"^\S*missing\.toml: no such file \(--config\)"):
         load_config(Toy, tmp_path / "missing.toml")
-    with pytest.raises(ValueError, match=r"config: .*bad\.toml is not valid TOML"):
+    with pytest.raises(ValueError, match=r"^\S*bad\.toml: not valid TOML \(.*\); fix the file given as --config"):
         read_toml(_toml(tmp_path, "epochs = = 3\n").rename(tmp_path / "bad.toml"))
+    (tmp_path / "latin1.toml").write_bytes(b'name = "\xe9"\n')
+    with pytest.raises(ValueError, match=r"latin1\.toml: not valid TOML"):
+        read_toml(tmp_path / "latin1.toml")
 
 
 def test_merge_is_deep_and_skips_none():
@@ -160,10 +167,75 @@ def test_burnin_config_from_toml_and_flags(tmp_path):
     assert cfg.out == "runs/burnin-fashion-mnist-cnn-s3"  # derived from the final values
 
 
-@pytest.mark.parametrize("values, key", [({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"),
-                                         ({"snapshot_every": 0}, "snapshot_every"), ({"lr": 0}, "lr"),
-                                         ({"lr": -0.1}, "lr"), ({"train_subset": 0}, "train_subset"),
-                                         ({"test_subset": -5}, "test_subset")])
-def test_burnin_config_validates_values(values, key):
-    with pytest.raises(ValueError, match=rf"^{key}: expected "):
+@pytest.mark.parametrize("values, flag", [
+    ({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch-size"), ({"snapshot_every": 0}, "snapshot-every"),
+    ({"lr": 0}, "lr"), ({"lr": -0.1}, "lr"), ({"lr": math.nan}, "lr"), ({"momentum": -0.5}, "momentum"),
+    ({"weight_decay": math.inf}, "weight-decay"), ({"train_subset": 0}, "train-subset"),
+    ({"test_subset": -5}, "test-subset"), ({"seed": -1}, "seed"), ({"seed": 2 ** 32}, "seed"),
+    ({"dataset": "fashion_mnist"}, "dataset"), ({"model": "vgg"}, "model"), ({"norm": "ln"}, "norm")])
+def test_burnin_config_validates_values(values, flag):
+    key = next(iter(values))
+    with pytest.raises(ValueError, match=rf"^{key} \(--{flag}\): expected "):
         build(BurninConfig, values)
+    with pytest.raises(OptionError, match=rf"^{key}: expected "):  # built directly: the field's name
+        BurninConfig(**values)
+
+
+@pytest.mark.parametrize("values, name", [
+    ({"lr": -0.1}, "lr (--lr)"), ({"lr": math.nan}, "lr (--lr)"), ({"momentum": -1.0}, "momentum (--momentum)"),
+    ({"victim_momentum": math.inf}, "victim_momentum (--victim-momentum)"),
+    ({"stop_rise": math.nan}, "stop_rise (--stop-rise)"), ({"stop_error": math.inf}, "stop_error (--stop-error)"),
+    ({"seed": -3}, "seed (--seed)"), ({"history_epochs": "1,x"}, "history_epochs (--history-epochs)"),
+    ({"history_epochs": "0"}, "history_epochs (--history-epochs)"), ({"ring_lags": "-2"}, "ring_lags (--ring-lags)"),
+    ({"history_epochs": "", "ring_lags": ""}, "history_epochs (--history-epochs)"),
+    ({"start_epoch": 0}, "start_epoch (--start-epoch)"), ({"channels_last": "yes"}, "channels_last (--channels-last)"),
+    ({"autocast": "float8"}, "autocast (--autocast)"), ({"eval_size": 0}, "eval_size (--eval-size)"),
+    ({"dsc": {"quantile": 1.0}}, "dsc.quantile (--dsc-quantile)"),
+    ({"dsc": {"quantile": 0.0}}, "dsc.quantile (--dsc-quantile)"),
+    ({"dsc": {"threshold": "adaptive"}}, "dsc.threshold (--dsc-threshold)"),
+    ({"dsc": {"eps": 1.5}}, "dsc.eps (--dsc-eps)"), ({"dsc": {"step_size": 0.0}}, "dsc.step_size (--dsc-step-size)"),
+    ({"dsc": {"reduce": "median"}}, "dsc.reduce (--dsc-reduce)"),
+    ({"dsc": {"recalibrate_every": 0}}, "dsc.recalibrate_every (--dsc-recalibrate-every)"),
+    ({"baselines": {"gc_norm": "1"}}, "baselines.gc_norm (--baselines-gc-norm)"),
+    ({"baselines": {"at_eps": 2.0}}, "baselines.at_eps (--baselines-at-eps)"),
+    ({"baselines": {"at_kl_weight": -1.0}}, "baselines.at_kl_weight (--baselines-at-kl-weight)"),
+    ({"attack": {"eps": 1.5}}, "attack.eps (--attack-eps)"),
+    ({"attack": {"trigger_eps": math.nan}}, "attack.trigger_eps (--attack-trigger-eps)")])
+def test_online_config_errors_name_the_option_as_typed(values, name):
+    with pytest.raises(ValueError) as info:
+        build(OnlineConfig, values)
+    assert str(info.value).startswith(f"{name}: expected "), str(info.value)
+
+
+def test_validators():
+    check_number("x", 0.5, 0.0, 1.0, strict=True)
+    check_int("n", 0, minimum=0)
+    check_seed("seed", 2 ** 32 - 1)
+    assert parse_int_list("e", " 10, 20,") == [10, 20] and parse_int_list("e", "") == []
+    for call, message in [
+            (lambda: check_number("x", 1.0, 0.0, 1.0, strict=True), "x: expected a finite number > 0.0 and < 1.0, "
+                                                                      "got 1.0"),
+            (lambda: check_number("x", True), "x: expected a finite number, got True"),
+            (lambda: check_number("x", -0.1, 0.0), "x: expected a finite number >= 0.0, got -0.1"),
+            (lambda: check_int("n", 2.0), "n: expected an integer >= 1, got 2.0"),
+            (lambda: check_seed("seed", 2 ** 32), "seed: expected an integer in [0, 4294967295], got 4294967296"),
+            (lambda: check_choice("k", "c", ("a", "b")), "k: expected one of a, b, got 'c'"),
+            (lambda: parse_int_list("e", "1;2"), "e: expected a comma-separated list of integers >= 1, got '1;2'")]:
+        with pytest.raises(OptionError) as info:
+            call()
+        assert str(info.value) == message
+
+
+def test_comparable_makes_run_paths_relative_to_out_and_data_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spelled = [BurninConfig(out="runs/x", data_dir="data"),
+               BurninConfig(out=str(tmp_path / "runs" / "x"), data_dir=str(tmp_path / "data") + "/"),
+               BurninConfig(out="runs/../runs/x/", data_dir="./data")]
+    keys = [comparable(BurninConfig, to_dict(cfg)) for cfg in spelled]
+    assert keys[0] == keys[1] == keys[2]
+    assert keys[0]["out"] == "." and keys[0]["data_dir"] == str(tmp_path / "data")
+    online = [OnlineConfig(burnin=str(root / "burnin"), out=str(root / "runs" / "ST"))
+              for root in (tmp_path / "a", tmp_path / "moved" / "b")]  # a directory moved with its burn-in
+    assert comparable(OnlineConfig, to_dict(online[0])) == comparable(OnlineConfig, to_dict(online[1]))
+    assert comparable(OnlineConfig, to_dict(online[0]))["burnin"] == "../../burnin"
+    assert comparable(BurninConfig, "garbage") == "garbage"

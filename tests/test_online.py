@@ -6,8 +6,10 @@ A 2-epoch burn-in is shared by the module; each online run is 32-sample batches 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,9 +187,50 @@ def test_another_config_in_the_same_out_dir_is_refused(runs):
     config_json = (Path(cfg.out) / "config.json").read_text()
     other = copy.deepcopy(cfg)
     other.max_steps = MAX_STEPS + 1
-    with pytest.raises(ValueError, match=r"out: .*another configuration"):
+    with pytest.raises(ValueError, match=r"result\.json: a finished run with another configuration"):
         run_online(other, progress=False)
     assert (Path(cfg.out) / "config.json").read_text() == config_json  # the run's record is left as it was
+
+
+def _copy_run(cfg: OnlineConfig, burnin_dir: Path, root: Path) -> OnlineConfig:
+    """The run and its burn-in copied (moved) under ``root`` (same layout), without result.json."""
+    shutil.copytree(burnin_dir, root / "burnin")
+    shutil.copytree(cfg.out, root / "run")
+    (root / "run" / "result.json").unlink()
+    return dataclasses.replace(cfg, burnin=str(root / "burnin"), out=str(root / "run"))
+
+
+def test_a_moved_run_resumes_and_its_stale_temp_files_are_removed(runs, burnin_dir, tmp_path, monkeypatch):
+    cfg, reference, _ = runs["control"]
+    moved = _copy_run(cfg, burnin_dir, tmp_path / "moved")
+    stale = Path(moved.out) / ".state.pt.q1w2e3r4.tmp"
+    stale.write_bytes(b"half a file")
+    monkeypatch.chdir(tmp_path)
+    moved = dataclasses.replace(moved, burnin="moved/burnin", out="moved/run")  # and spelled relative
+    result = run_online(moved, progress=False)
+    for key in ("error_before_trigger", "error_after_trigger", "steps_run", "curve", "scores"):
+        assert result[key] == reference[key], key
+    assert not stale.exists()
+    assert run_online(dataclasses.replace(moved, out=str(tmp_path / "moved" / "run")), progress=False) == result
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.write_bytes(path.read_bytes()[:2000]), r"not a readable torch file \(.*\)"),
+    (lambda path: torch.save({"model": {}}, path), "not the online state memdisc writes")])
+def test_a_damaged_state_is_an_error_naming_the_file(runs, burnin_dir, tmp_path, damage, problem):
+    cfg = _copy_run(runs["control"][0], burnin_dir, tmp_path)
+    state = Path(cfg.out) / "state.pt"
+    damage(state)
+    with pytest.raises(ValueError, match=rf"^{state}: {problem}; delete it to restart this online run from step 0"):
+        run_online(cfg, progress=False)
+
+
+def test_a_garbage_result_is_an_error_naming_the_file(runs, burnin_dir, tmp_path):
+    cfg = _copy_run(runs["control"][0], burnin_dir, tmp_path)
+    result = Path(cfg.out) / "result.json"
+    result.write_text('{"config": ')
+    with pytest.raises(ValueError, match=rf"^{result}: not valid JSON \(.*\); delete it to finish this online run"):
+        run_online(cfg, progress=False)
 
 
 def test_a_missing_burnin_dir_is_a_file_not_found_error_naming_it(tmp_path):
@@ -199,7 +242,7 @@ def test_a_missing_burnin_dir_is_a_file_not_found_error_naming_it(tmp_path):
 
 
 def test_config_errors_name_the_option():
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="^batch_size: "):
         OnlineConfig(batch_size=0)
-    with pytest.raises(ValueError, match="history_epochs"):
-        online_module._int_list("history_epochs", "1,x")
+    with pytest.raises(ValueError, match="^history_epochs: "):
+        OnlineConfig(history_epochs="1,x")

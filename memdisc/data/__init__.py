@@ -6,9 +6,10 @@
 
 Files are read from /usr/share/datasets/<name> or a user ``data_dir``; nothing is downloaded.
 """
-from memdisc.data.datasets import DATASETS, DEFAULT_DATA_ROOT, SPLITS, ImageDataset, load_dataset, mirror_ok
+from memdisc.data.datasets import (DATASETS, DEFAULT_DATA_ROOT, SPLITS, ImageDataset, check_dataset_files,
+                                   load_dataset, mirror_ok)
 from memdisc.data.readers import DatasetFormatError, DatasetNotFoundError
 from memdisc.data.stream import BatchStream, augment_batch, iterate_minibatches
 
-__all__ = ["DATASETS", "SPLITS", "DEFAULT_DATA_ROOT", "ImageDataset", "load_dataset", "mirror_ok", "DatasetNotFoundError",
-           "DatasetFormatError", "iterate_minibatches", "augment_batch", "BatchStream"]
+__all__ = ["DATASETS", "SPLITS", "DEFAULT_DATA_ROOT", "ImageDataset", "load_dataset", "check_dataset_files",
+           "mirror_ok", "DatasetNotFoundError", "DatasetFormatError", "iterate_minibatches", "augment_batch", "BatchStream"]

@@ -21,7 +21,7 @@ import torch
 from memdisc.data.readers import (DatasetNotFoundError, read_cifar_batches, read_idx_split,
                                   read_svhn_mat)
 
-__all__ = ["DATASETS", "SPLITS", "DEFAULT_DATA_ROOT", "ImageDataset", "load_dataset"]
+__all__ = ["DATASETS", "SPLITS", "DEFAULT_DATA_ROOT", "ImageDataset", "load_dataset", "check_dataset_files"]
 
 SPLITS = ("train", "test")
 DEFAULT_DATA_ROOT = Path("/usr/share/datasets")
@@ -175,6 +175,23 @@ def load_dataset(name: str, split: str = "train", data_dir: str | Path | None = 
     source = _SOURCES[name]
     images, labels = source.read(_locate(source, split, data_dir, name), source.num_classes)
     return ImageDataset(name, torch.from_numpy(images), torch.from_numpy(labels), source.num_classes)
+
+
+def check_dataset_files(name: str, data_dir: str | Path | None = None) -> None:
+    """Check, without decoding them, that both splits' files of dataset ``name`` are where
+    :func:`load_dataset` looks and can be opened: a run checks this before it writes anything.
+
+    Raises:
+        ValueError: unknown ``name``.
+        DatasetNotFoundError: files missing (the message says where it looked and how to get them).
+        OSError: a file that cannot be read (naming it).
+    """
+    if name not in _SOURCES:
+        raise ValueError(f"dataset: expected one of {', '.join(DATASETS)}, got {name!r}")
+    for split in SPLITS:
+        for path in _locate(_SOURCES[name], split, data_dir, name):
+            with open(path, "rb") as f:
+                f.read(1)
 
 
 def _locate(source: _Source, split: str, data_dir: str | Path | None, name: str) -> list[Path]:
