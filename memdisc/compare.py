@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.stats
 import torch
 
 from memdisc.artifacts import atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
@@ -165,6 +164,8 @@ def spread(values: list[float]) -> dict[str, Any]:
     mean = float(arr.mean())
     if arr.size < 2:
         return {"values": list(values), "mean": mean, "std": None, "ci95": None}
+    import scipy.stats  # here, not at the top: it is 2 s of every `memdisc compare` start
+
     std = float(arr.std(ddof=1))
     half = float(scipy.stats.t.ppf(0.975, arr.size - 1)) * std / math.sqrt(arr.size)
     return {"values": list(values), "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
