@@ -82,14 +82,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _resume_config_matches(saved: dict, current: dict) -> None:
-    """Refuse a checkpoint of another configuration (paths compared as :func:`comparable` makes them)."""
+def _resume_config_matches(path: Path, saved: dict, current: dict) -> None:
+    """Refuse the checkpoint ``path`` of another configuration (paths compared as :func:`comparable`
+    makes them)."""
     ignore = {"epochs", "device", "out"}
     saved, current = comparable(BurninConfig, saved), comparable(BurninConfig, current)
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in ignore and saved.get(k) != v}
     if diff:
-        raise ValueError(f"out: the run directory holds a checkpoint with another configuration {diff}; "
-                         "use a different --out or delete the directory")
+        raise ValueError(f"{path}: a checkpoint of another configuration {diff}; use a different --out or delete "
+                         "the directory")
 
 
 def snapshot_path(out: str | Path, epoch: int) -> Path:
@@ -124,7 +125,7 @@ def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = load_snapshot(ckpt_path, remedy="delete it to restart the burn-in from epoch 1")
-        _resume_config_matches(ckpt["config"], to_dict(cfg))
+        _resume_config_matches(ckpt_path, ckpt["config"], to_dict(cfg))
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["extra"]["history"]

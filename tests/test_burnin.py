@@ -188,8 +188,8 @@ def test_checkpoint_of_another_config_refuses_to_resume(finished, tmp_path, chan
     out.mkdir()
     shutil.copy(Path(cfg.out) / "checkpoint.pt", out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match=rf"^out: the run directory holds a checkpoint with another "
-                                         rf"configuration .*'{key}'"):
+    with pytest.raises(ValueError, match=rf"^{out / 'checkpoint.pt'}: a checkpoint of another configuration "
+                                         rf".*'{key}'.*; use a different --out"):
         run_burnin(dataclasses.replace(cfg, out=str(out), **change), progress=False)
     assert (out / "checkpoint.pt").read_bytes() == before
 
