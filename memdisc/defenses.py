@@ -94,9 +94,9 @@ class GradientClipping(Defense):
 
     def __init__(self, norm: str = "inf", bound: float = 0.01):
         if norm not in ("inf", "2"):
-            raise ValueError(f"gc_norm: expected 'inf' or '2', got {norm!r}")
+            raise ValueError(f"norm: expected 'inf' or '2', got {norm!r}")
         if not bound > 0:
-            raise ValueError(f"gc_bound: expected > 0, got {bound}")
+            raise ValueError(f"bound: expected > 0, got {bound}")
         self.norm_type, self.bound = (math.inf if norm == "inf" else 2.0), bound
 
     def clip_gradients(self, model: nn.Module) -> None:
@@ -265,11 +265,11 @@ class ThresholdSchedule:
     def __init__(self, kind: str = "calibrated", tau0: float = 0.5, slope: float = 0.02, quantile: float = 0.95,
                  every: int = 1):
         if kind not in ("seed", "fixed", "calibrated"):
-            raise ValueError(f"dsc_threshold: expected 'seed', 'fixed' or 'calibrated', got {kind!r}")
+            raise ValueError(f"kind: expected 'seed', 'fixed' or 'calibrated', got {kind!r}")
         if not 0 < quantile < 1:
-            raise ValueError(f"dsc_quantile: expected 0 < q < 1, got {quantile}")
+            raise ValueError(f"quantile: expected 0 < q < 1, got {quantile}")
         if every < 1:
-            raise ValueError(f"dsc_recalibrate_every: expected >= 1, got {every}")
+            raise ValueError(f"every: expected >= 1, got {every}")
         self.kind, self.tau0, self.slope, self.quantile, self.every = kind, tau0, slope, quantile, every
         self.value: float | None = None
         self.last_step: int | None = None
@@ -326,9 +326,9 @@ class DSC(Defense):
                  heldout: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
                  precision: Precision = Precision()):
         if mode not in ("batch", "sample"):
-            raise ValueError(f"dsc_mode: expected 'batch' or 'sample', got {mode!r}")
+            raise ValueError(f"mode: expected 'batch' or 'sample', got {mode!r}")
         if iters < 0 or not step_size > 0 or not eps >= 0:
-            raise ValueError(f"dsc_iters/dsc_step/dsc_eps: expected >= 0, > 0, >= 0; got {iters}, {step_size}, {eps}")
+            raise ValueError(f"iters/step_size/eps: expected >= 0, > 0, >= 0; got {iters}, {step_size}, {eps}")
         self.snapshots, self.mode, self.reduce, self.temperature = snapshots, mode, reduce, temperature
         self.schedule = schedule or ThresholdSchedule()
         self.iters, self.step_size, self.eps, self.early_exit = iters, step_size, eps, early_exit
