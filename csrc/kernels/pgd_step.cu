@@ -2,7 +2,11 @@
 //
 //   x <- clip_[lo,hi]( clip_[x0 - eps, x0 + eps]( x - dir * step * sign(g) ) )
 //   dir = +1 for descent (the DSC correction), -1 for ascent (an attack);
-//   sign(0) = 0; rows whose active flag is 0 are neither read nor written.
+//   sign(0) = sign(NaN) = 0 (as torch.sign); rows whose active flag is 0 are
+//   neither read nor written.
+// Non-finite values as pgd_step_cpu.h and the PyTorch reference: a NaN in x or
+// x0 makes that element NaN (NaN-propagating ball clamp, like torch.maximum /
+// minimum), a NaN gradient only projects; +-inf go through the clamps.
 // Shapes: x, g, x0 are [B, D] (D = product of the per-sample dims);
 // active is [B] (bool) or null for "all rows active".
 // Arithmetic in acc_t, rounded once per intermediate exactly as pgd_step_cpu.h
@@ -27,6 +31,12 @@ namespace {
 
 constexpr int kThreads = 256;                     // threads per block
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // beyond this the grid strides
+
+// max(v, b) and min(v, b) that return NaN when either is NaN (torch.maximum/minimum).
+template <typename T>
+__device__ __forceinline__ T max_nan(T v, T b) { return (v < b || b != b) ? b : v; }
+template <typename T>
+__device__ __forceinline__ T min_nan(T v, T b) { return (v > b || b != b) ? b : v; }
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -56,9 +66,8 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t x0f = to_acc(x0v.v[e]);
       const acc_t low = to_acc(from_acc<scalar_t>(x0f - eps));
       const acc_t high = to_acc(from_acc<scalar_t>(x0f + eps));
-      v = v < low ? low : v;
-      v = v > high ? high : v;
-      v = v < lo ? lo : v;
+      v = min_nan(max_nan(v, low), high);
+      v = v < lo ? lo : v;  // lo, hi are finite: a NaN v stays NaN
       v = v > hi ? hi : v;
       xv.v[e] = from_acc<scalar_t>(v);
     }

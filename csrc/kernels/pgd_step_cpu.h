@@ -4,13 +4,18 @@
 //   dir = +1 for descent (the DSC correction), -1 for ascent (an attack);
 //   sign(0) = sign(NaN) = 0 (as torch.sign); rows whose active flag is 0 are left
 //   bit-for-bit unchanged.
+// Non-finite values, as the PyTorch reference: a NaN in x or x0 makes that
+// element NaN (the ball clamp propagates NaN like torch.maximum/minimum, the box
+// clamp like torch.clamp); a NaN gradient moves nothing (sign 0), the element is
+// only projected; +-inf go through the clamps (x0 = +inf gives hi).
 // Shapes: x, g, x0 are [B, D] (D = product of the per-sample dims);
 // active is [B] (bool) or null for "all rows active".
 // Arithmetic in acc_t, rounded once per intermediate exactly as the PyTorch
 // reference rounds it (x - step*s, x0 - eps, x0 + eps, then the clamps), so the
 // float32 result is bit-equal to the reference.  The inner loop is branch-free
-// (compares and selects) and auto-vectorises; it is instantiated for AVX-512,
-// AVX2 and baseline x86-64 and picked at run time (simd_cpu.h).
+// (the sign as a difference of two compares, the clamps as selects) so GCC
+// vectorises it (a nested ?: sign kept it scalar on AVX2); it is instantiated
+// for AVX-512, AVX2 and baseline x86-64 and picked at run time (simd_cpu.h).
 //
 // Byte model per call: read 3 * B * D * s (x, g, x0), write B * D * s (x) for
 // active rows -> 4·B·D·s bytes at full activity (s = sizeof(scalar_t)).
@@ -35,6 +40,12 @@ struct PgdStepArgs {
 
 namespace detail {
 
+// max(v, b) and min(v, b) that return NaN when either is NaN (torch.maximum/minimum).
+template <typename T>
+MEMDISC_INLINE T max_nan(T v, T b) { return (v < b || b != b) ? b : v; }
+template <typename T>
+MEMDISC_INLINE T min_nan(T v, T b) { return (v > b || b != b) ? b : v; }
+
 template <typename scalar_t, typename acc_t>
 MEMDISC_INLINE void pgd_rows(const PgdStepArgs<scalar_t, acc_t>& p, int64_t row_begin, int64_t row_end) {
   const acc_t signed_step = p.descent ? p.step : -p.step;
@@ -47,14 +58,13 @@ MEMDISC_INLINE void pgd_rows(const PgdStepArgs<scalar_t, acc_t>& p, int64_t row_
     const scalar_t* __restrict__ x0r = p.x0 + i * D;
     for (int64_t j = 0; j < D; ++j) {
       const acc_t gv = static_cast<acc_t>(gr[j]);
-      const acc_t s = gv > 0 ? acc_t(1) : (gv < 0 ? acc_t(-1) : acc_t(0));
+      const acc_t s = acc_t(gv > 0) - acc_t(gv < 0);
       acc_t v = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(xr[j]) - signed_step * s));
       const acc_t x0v = static_cast<acc_t>(x0r[j]);
       const acc_t low = static_cast<acc_t>(static_cast<scalar_t>(x0v - eps));
       const acc_t high = static_cast<acc_t>(static_cast<scalar_t>(x0v + eps));
-      v = v < low ? low : v;
-      v = v > high ? high : v;
-      v = v < lo ? lo : v;
+      v = min_nan(max_nan(v, low), high);
+      v = v < lo ? lo : v;  // lo, hi are finite: a NaN v stays NaN
       v = v > hi ? hi : v;
       xr[j] = static_cast<scalar_t>(v);
     }

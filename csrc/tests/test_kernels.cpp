@@ -1,7 +1,8 @@
 // Torch-free unit tests of the kernel templates, against naive float64 oracles.
 //
 //   test_kernels cpu_discrepancy   kernels/discrepancy_cpu.h forward + backward (float, double)
-//   test_kernels cpu_pgd_step      kernels/pgd_step_cpu.h (float bit-exact, double)
+//   test_kernels cpu_pgd_step      kernels/pgd_step_cpu.h (float bit-exact, double; NaN/inf
+//                                  inputs as torch: NaN in x or x0 propagates, sign(NaN) = 0)
 //   test_kernels cuda_kl_stats     kernels/kl_stats_cuda.h: the CUDA forward's arithmetic,
 //                                  chunking and merge trees, run on the host
 //
@@ -291,28 +292,42 @@ void test_cpu_discrepancy() {
 
 // ---------------------------------------------------------------- CPU pgd step
 
-// The PyTorch reference's op sequence, each op rounded to T:
+// The PyTorch reference's op sequence, each op rounded to T, with torch's NaN rules
+// (sign(NaN) = 0; maximum/minimum return NaN if either side is; clamp keeps a NaN):
 // new = x - step*sign(g); new = min(max(new, x0 - eps), x0 + eps); new = clamp(new, lo, hi).
 template <typename T>
 T pgd_naive(T x, T g, T x0, T step, T eps, T lo, T hi, bool descent) {
   const T s = g > 0 ? T(1) : (g < 0 ? T(-1) : T(0));
   const T t = static_cast<T>(step * s);
   T v = descent ? static_cast<T>(x - t) : static_cast<T>(x + t);
-  v = std::max(v, static_cast<T>(x0 - eps));
-  v = std::min(v, static_cast<T>(x0 + eps));
-  return std::min(std::max(v, lo), hi);
+  const T low = static_cast<T>(x0 - eps), high = static_cast<T>(x0 + eps);
+  v = std::isnan(low) ? low : std::max(v, low);
+  v = std::isnan(high) ? high : std::min(v, high);
+  return std::isnan(v) ? v : std::min(std::max(v, lo), hi);
+}
+
+// One element of x, grad or x0: v, or with probability 1/8 (when non_finite) NaN, +inf or -inf.
+template <typename T>
+T maybe_non_finite(std::mt19937_64& rng, T v, bool non_finite) {
+  if (!non_finite) return v;
+  const T special[3] = {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                        -std::numeric_limits<T>::infinity()};
+  const auto r = std::uniform_int_distribution<int>(0, 23)(rng);
+  return r < 3 ? special[r] : v;
 }
 
 template <typename T>
 void check_cpu_pgd(std::mt19937_64& rng, int64_t B, int64_t D, double step, double eps, bool descent, bool masked,
-                   bool zero_grad) {
+                   bool zero_grad, bool non_finite = false) {
   std::uniform_real_distribution<double> unif(-0.3, 1.3);
   std::uniform_int_distribution<int> coin(0, 2);
   std::vector<T> x(B * D), g(B * D), x0(B * D);
   for (int64_t j = 0; j < B * D; ++j) {
     x0[j] = static_cast<T>(unif(rng));
-    x[j] = static_cast<T>(x0[j] + 0.1 * unif(rng));
-    g[j] = zero_grad ? T(0) : static_cast<T>(coin(rng) - 1) * static_cast<T>(unif(rng));  // exact zeros too
+    x[j] = maybe_non_finite<T>(rng, static_cast<T>(x0[j] + 0.1 * unif(rng)), non_finite);
+    x0[j] = maybe_non_finite<T>(rng, x0[j], non_finite);
+    g[j] = maybe_non_finite<T>(rng, zero_grad ? T(0) : static_cast<T>(coin(rng) - 1) * static_cast<T>(unif(rng)),
+                               non_finite);  // exact zeros too
   }
   bool active[64];  // B <= 64 here
   for (int64_t i = 0; i < B; ++i) active[i] = !masked || (i % 3 != 1);
@@ -324,8 +339,10 @@ void check_cpu_pgd(std::mt19937_64& rng, int64_t B, int64_t D, double step, doub
     for (int64_t j = 0; j < D; ++j) {
       const int64_t e = i * D + j;
       const T want = active[i] ? pgd_naive<T>(before[e], g[e], x0[e], ts, te, lo, hi, descent) : before[e];
-      EXPECT(std::memcmp(&x[e], &want, sizeof(T)) == 0, "pgd %s row %lld active=%d got %.9g want %.9g",
-             sizeof(T) == 4 ? "float" : "double", (long long)i, active[i], (double)x[e], (double)want);
+      EXPECT(std::memcmp(&x[e], &want, sizeof(T)) == 0 || (std::isnan(x[e]) && std::isnan(want)),
+             "pgd %s row %lld active=%d x=%g g=%g x0=%g: got %.9g want %.9g", sizeof(T) == 4 ? "float" : "double",
+             (long long)i, active[i], (double)before[e], (double)g[e], (double)x0[e], (double)x[e], (double)want);
+      if (non_finite) continue;  // the bounds below hold for finite inputs
       if (active[i]) {
         EXPECT(x[e] >= lo && x[e] <= hi, "outside the box: %g", (double)x[e]);
         EXPECT(std::fabs(static_cast<double>(x[e]) - static_cast<double>(x0[e])) <= eps * (1 + 4 * eps_of<T>()) ||
@@ -358,6 +375,10 @@ void test_cpu_pgd_step() {
     }
   }
   check_cpu_pgd<float>(rng, 0, 5, 0.02, 0.2, true, true, false);  // B = 0
+  for (bool descent : {true, false}) {  // NaN and +-inf in x, grad and x0; D = 67 leaves a vector tail
+    check_cpu_pgd<float>(rng, 9, 67, 0.02, 0.2, descent, true, false, true);
+    check_cpu_pgd<double>(rng, 9, 67, 0.02, 0.2, descent, true, false, true);
+  }
 }
 
 // ---------------------------------------------------------------- CUDA forward arithmetic on the host
