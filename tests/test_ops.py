@@ -252,6 +252,22 @@ def test_gradcheck_float64_both_inputs():
         assert torch.autograd.gradcheck(lambda a, b: ops.discrepancy(a, b, 0.8, reverse), (a, b))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradgradcheck_float64_both_inputs(reverse):
+    """create_graph=True: the backward is differentiable (the compiled kernels' backward is not)."""
+    a = _logits((4, 6), "cpu", torch.float64).requires_grad_()
+    b = _logits((3, 4, 6), "cpu", torch.float64, seed=1).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.discrepancy(a, b, 0.8, reverse), (a, b))
+
+
+def test_backward_without_create_graph_uses_the_fused_op():
+    a = _logits((4, 6), "cpu").requires_grad_()
+    kl = ops.discrepancy(a, _logits((2, 4, 6), "cpu", seed=1))
+    with torch.profiler.profile() as prof:
+        kl.sum().backward()
+    assert "memdisc::discrepancy_backward" in {e.name for e in prof.events()}
+
+
 def test_opcheck_every_op_cpu():
     a, b = _logits((6, 9), "cpu"), _logits((2, 6, 9), "cpu", seed=1)
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -293,10 +309,35 @@ def test_torch_compile_fullgraph_matches_eager():
     ((torch.zeros(3, 0), torch.zeros(1, 3, 0)), "C must be >= 1"),
     ((torch.zeros(3, 2), torch.zeros(1, 3, 2), 0.0), "temperature"),
     ((torch.zeros(3, 2), torch.zeros(1, 3, 2), -1.0), "temperature"),
+    ((torch.zeros(3, 2), torch.zeros(1, 3, 2), float("nan")), "temperature"),
+    ((torch.zeros(3, 2), torch.zeros(1, 3, 2), float("inf")), "temperature"),
+    ((torch.zeros(3, 2), torch.zeros(1, 3, 2, device="meta")), "snapshots: expected a tensor on cpu like current, got"),
+    ((torch.zeros(3, 2, device="meta"), torch.zeros(1, 3, 2)), "snapshots: expected a tensor on meta like current"),
 ])
 def test_discrepancy_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         ops.discrepancy(*args)
+
+
+def test_ops_refuse_mixed_devices_below_the_wrapper():
+    """The fake (meta) kernels check devices too: a raw op call on cpu + meta raises instead of returning garbage."""
+    a, b = torch.zeros(3, 2), torch.zeros(1, 3, 2, device="meta")
+    with pytest.raises(RuntimeError, match="snapshots is on meta but current is on cpu"):
+        torch.ops.memdisc.discrepancy.default(a, b, 1.0, False)
+    x = torch.zeros(3, 2)
+    with pytest.raises(RuntimeError, match="x0 is on meta but x is on cpu"):
+        torch.ops.memdisc.pgd_step_.default(x, x, x.to("meta"), None, 0.1, 0.1, 0.0, 1.0, True)
+
+
+def test_compiled_kernels_refuse_non_finite_scalars():
+    """The C++ checks behind the wrapper's: a raw op call with a non-finite scalar raises."""
+    if not ops.extension_loaded():
+        pytest.skip("needs the compiled extension")
+    x = torch.rand(3, 2)
+    with pytest.raises(RuntimeError, match="step, eps, lo and hi must be finite"):
+        torch.ops.memdisc.pgd_step_.default(x, x, x, None, float("nan"), 0.1, 0.0, 1.0, True)
+    with pytest.raises(RuntimeError, match="temperature must be finite"):
+        torch.ops.memdisc.discrepancy.default(x, x[None], float("inf"), False)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -307,11 +348,87 @@ def test_discrepancy_bad_arguments(args, match):
     ({"lo": 1.0, "hi": 0.0}, "lo/hi"),
     ({"active": torch.ones(4)}, "active"),
     ({"active": torch.ones(3, dtype=torch.bool)}, "active"),
+    ({"grad": torch.zeros(4, 3, device="meta")}, "grad: expected a tensor on cpu like x, got meta"),
+    ({"x0": torch.zeros(4, 3, device="meta")}, "x0: expected a tensor on cpu like x, got meta"),
+    ({"active": torch.ones(4, dtype=torch.bool, device="meta")}, "active: expected a tensor on cpu like x, got meta"),
+    ({"x": torch.zeros(4, 3, device="meta")}, "grad: expected a tensor on meta like x, got cpu"),
+    ({"step": float("nan")}, "step: expected a finite number"),
+    ({"step": float("inf")}, "step: expected a finite number"),
+    ({"eps": float("inf")}, "eps: expected a finite number"),
+    ({"lo": float("-inf")}, "lo: expected a finite number"),
+    ({"hi": float("nan")}, "hi: expected a finite number"),
 ])
 def test_pgd_step_bad_arguments(kw, match):
     args = {"x": torch.zeros(4, 3), "grad": torch.zeros(4, 3), "x0": torch.zeros(4, 3), "step": 0.1, "eps": 0.2} | kw
     with pytest.raises(ValueError, match=match):
         ops.pgd_step_(args.pop("x"), args.pop("grad"), args.pop("x0"), **args)
+
+
+# ----------------------------------------------------------------------------- pgd_step_ and autograd
+
+def _pgd(x, **kw):
+    """pgd_step_ on x with fresh grad and x0 (kw overrides them)."""
+    args = {"grad": torch.randn(x.shape, device=x.device), "x0": torch.rand(x.shape, device=x.device), "step": 0.1,
+            "eps": 0.2} | kw
+    return ops.pgd_step_(x, args.pop("grad"), args.pop("x0"), **args)
+
+
+def test_pgd_step_on_a_leaf_that_requires_grad_raises_like_pytorch():
+    leaf = torch.rand(4, 3, requires_grad=True)
+    for x in (leaf, leaf[::2]):  # the leaf and a view of it, as torch's own in-place ops
+        before = x.detach().clone()
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad is being used in an in-place"):
+            _pgd(x)
+        assert torch.equal(x.detach(), before)
+    with torch.no_grad():  # the usual way: allowed, and x changes
+        _pgd(leaf)
+    assert leaf._version == 1
+
+
+@pytest.mark.parametrize("which", ["x", "grad", "x0"])
+def test_pgd_step_refuses_inputs_that_require_grad(which):
+    """No derivative: under grad mode any input that requires grad is refused, not silently mis-differentiated."""
+    w = torch.rand(4, 3, requires_grad=True)
+    kw = {which: w * 1.0}
+    x = kw.pop("x", torch.rand(4, 3))
+    with pytest.raises(RuntimeError, match="pgd_step_ has no derivative"):
+        _pgd(x, **kw)
+    with torch.no_grad():
+        _pgd(x, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_pgd_step_bumps_the_version_of_a_tensor_saved_for_backward(device, mode):
+    w = torch.rand(4, 3, device=device, requires_grad=True)
+    y = w * 2.0
+    loss = (y * y).sum()  # saves y
+    plain = torch.rand(4, 3, device=device)
+    loss2 = (plain * w).sum()  # saves plain (a tensor that does not require grad)
+    with getattr(torch, mode)():
+        _pgd(y)
+        _pgd(plain)
+    assert y._version == 1 and plain._version == 1
+    for saved_loss in (loss, loss2):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved_loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_pgd_step_non_finite_values(device, dtype):
+    """NaN in x or x0 gives NaN; a NaN gradient counts as sign 0 (projection only); +-inf go through the clamps."""
+    nan, inf = float("nan"), float("inf")
+    rows = [[nan, 0.5, 0.5, 0.5, inf, -inf, 0.5, 0.5],  # x
+            [0.5, nan, 0.5, 0.5, 0.5, 0.5, inf, -inf],  # x0
+            [1.0, 1.0, nan, -inf, 1.0, 1.0, 1.0, 1.0]]  # grad
+    def tile(r):  # [2, 37]: vector body and scalar tail on every ISA
+        return torch.tensor([r] * 2, device=device, dtype=dtype).repeat(1, 5)[:, :37].contiguous()
+
+    x, x0, grad = (tile(r) for r in rows)
+    ops.pgd_step_(x, grad, x0, step=0.125, eps=0.25, lo=0.0, hi=1.0)
+    want = tile([nan, nan, 0.5, 0.625, 0.75, 0.25, 1.0, 0.0]).cpu()
+    torch.testing.assert_close(x.cpu(), want, equal_nan=True, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- loader fallback and ISA variants

@@ -2,6 +2,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #define MEMDISC_CHECK_DIM(x, n) \
   TORCH_CHECK((x).dim() == (n), "memdisc: ", #x, " must have ", n, " dims, got shape ", (x).sizes())
 #define MEMDISC_CHECK_SAME_DEVICE(x, y) \
@@ -29,7 +31,8 @@ inline void check_discrepancy_args(const at::Tensor& current, const at::Tensor& 
               "memdisc: snapshots must be [K, B, C] with [B, C] = current's shape ", current.sizes(),
               ", got ", snapshots.sizes());
   TORCH_CHECK(current.size(1) >= 1, "memdisc: the class dimension C must be >= 1");
-  TORCH_CHECK(temperature > 0, "memdisc: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "memdisc: temperature must be finite and > 0, got ",
+              temperature);
 }
 
 // A tensor saved by the forward (or the upstream gradient), checked for shape and
@@ -66,7 +69,7 @@ inline BackwardInputs prepare_backward(const at::Tensor& grad_kl, const at::Tens
 }
 
 inline void check_pgd_args(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& x0,
-                           const c10::optional<at::Tensor>& active, double eps) {
+                           const c10::optional<at::Tensor>& active, double step, double eps, double lo, double hi) {
   MEMDISC_CHECK_FLOATING(x);
   MEMDISC_CHECK_SAME_DTYPE(x, grad);
   MEMDISC_CHECK_SAME_DTYPE(x, x0);
@@ -75,6 +78,8 @@ inline void check_pgd_args(const at::Tensor& x, const at::Tensor& grad, const at
   TORCH_CHECK(x.sizes() == grad.sizes() && x.sizes() == x0.sizes(), "memdisc: x, grad and x0 must share a shape, got ",
               x.sizes(), ", ", grad.sizes(), ", ", x0.sizes());
   TORCH_CHECK(x.dim() >= 1, "memdisc: x must have a leading batch dimension");
+  TORCH_CHECK(std::isfinite(step) && std::isfinite(eps) && std::isfinite(lo) && std::isfinite(hi),
+              "memdisc: step, eps, lo and hi must be finite, got ", step, ", ", eps, ", ", lo, ", ", hi);
   TORCH_CHECK(eps >= 0, "memdisc: eps must be >= 0, got ", eps);
   if (active.has_value()) {
     TORCH_CHECK(active->scalar_type() == at::kBool, "memdisc: active must be a bool tensor, got ", active->scalar_type());

@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> discrepancy_backward_cpu(const at::Tensor& gr
 
 void pgd_step_cpu(at::Tensor& x, const at::Tensor& grad_in, const at::Tensor& x0_in, const c10::optional<at::Tensor>& active_in,
                   double step, double eps, double lo, double hi, bool descent) {
-  check_pgd_args(x, grad_in, x0_in, active_in, eps);
+  check_pgd_args(x, grad_in, x0_in, active_in, step, eps, lo, hi);
   const int64_t B = x.size(0);
   if (x.numel() == 0) return;
   const int64_t D = x.numel() / B;

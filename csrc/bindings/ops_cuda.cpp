@@ -34,7 +34,6 @@ void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "memdisc: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(err));
 }
 
-// A saved per-row tensor of the backward: shape, device, then the accumulator dtype, contiguous.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> discrepancy_cuda(const at::Tensor& current_in,
                                                                 const at::Tensor& snapshots_in, double temperature,
                                                                 bool reverse) {
@@ -77,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> discrepancy_backward_cuda(const at::Tensor& g
 void pgd_step_cuda(at::Tensor& x, const at::Tensor& grad_in, const at::Tensor& x0_in,
                    const c10::optional<at::Tensor>& active_in, double step, double eps, double lo, double hi,
                    bool descent) {
-  check_pgd_args(x, grad_in, x0_in, active_in, eps);
+  check_pgd_args(x, grad_in, x0_in, active_in, step, eps, lo, hi);
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0);

@@ -5,6 +5,17 @@ The schemas live here.  The pure-PyTorch reference is registered as the
 ``memdisc._C`` loads, its ``TORCH_LIBRARY_IMPL(memdisc, CPU|CUDA)`` kernels take
 precedence for those devices, so the hot path has no Python ``if``.
 
+Autograd: ``discrepancy`` has a registered backward (the fused
+``discrepancy_backward`` op; with ``create_graph=True`` a differentiable
+PyTorch backward, so second derivatives are exact).  ``pgd_step_`` has no
+derivative and behaves like PyTorch's in-place ops: under grad mode a leaf
+``x`` that requires grad (or a view of one) raises PyTorch's in-place error,
+any other input that requires grad raises, and ``x``'s version counter is
+bumped on every call.  The extension does this in C++
+(csrc/bindings/pgd_autograd_cpu.cpp); without it ``_pgd_step_autograd``
+below refuses inputs that require grad and the reference's ``x.copy_`` bumps
+the version.
+
 Environment:
   MEMDISC_REQUIRE_EXTENSION=1  a missing or mismatched build raises instead of warning.
   MEMDISC_DISABLE_EXTENSION=1  never load the build (reference kernels only).
@@ -33,8 +44,14 @@ _lib.impl("discrepancy_backward", discrepancy_backward_reference, "CompositeExpl
 _lib.impl("pgd_step_", pgd_step_reference, "CompositeExplicitAutograd")
 
 
+def _check_device(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    torch._check(t.device == like.device,
+                 lambda: f"memdisc: {name} is on {t.device} but {like_name} is on {like.device}")
+
+
 @torch.library.register_fake("memdisc::discrepancy")
 def _discrepancy_fake(current, snapshots, temperature=1.0, reverse=False):
+    _check_device("snapshots", snapshots, "current", current)
     acc = acc_dtype(current.dtype)
     K, B = snapshots.shape[0], current.shape[0]
     return (current.new_empty((K, B), dtype=acc), current.new_empty((B,), dtype=acc),
@@ -43,11 +60,17 @@ def _discrepancy_fake(current, snapshots, temperature=1.0, reverse=False):
 
 @torch.library.register_fake("memdisc::discrepancy_backward")
 def _discrepancy_backward_fake(grad_kl, current, snapshots, lse_current, lse_snapshots, kl, temperature, reverse):
+    for name, t in (("snapshots", snapshots), ("grad_kl", grad_kl), ("lse_current", lse_current),
+                    ("lse_snapshots", lse_snapshots), ("kl", kl)):
+        _check_device(name, t, "current", current)
     return torch.empty_like(current), torch.empty_like(snapshots)
 
 
 @torch.library.register_fake("memdisc::pgd_step_")
 def _pgd_step_fake(x, grad, x0, active, step, eps, lo, hi, descent):
+    for name, t in (("grad", grad), ("x0", x0), ("active", active)):
+        if t is not None:
+            _check_device(name, t, "x", x)
     return None
 
 
@@ -61,8 +84,16 @@ def _discrepancy_setup_context(ctx, inputs, output):
 
 def _discrepancy_backward(ctx, grad_kl, _grad_lse_current, _grad_lse_snapshots):
     current, snapshots, lse_current, lse_snapshots, kl = ctx.saved_tensors
-    grad_current, grad_snapshots = torch.ops.memdisc.discrepancy_backward.default(
-        grad_kl.contiguous(), current, snapshots, lse_current, lse_snapshots, kl, ctx.temperature, ctx.reverse)
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward itself must be differentiable w.r.t. current,
+        # snapshots and grad_kl, so it runs as PyTorch ops on softmaxes recomputed from
+        # the inputs (the saved lse are non-differentiable outputs).
+        kl, lse_current, lse_snapshots = discrepancy_reference(current, snapshots, ctx.temperature, ctx.reverse)
+        grad_current, grad_snapshots = discrepancy_backward_reference(
+            grad_kl, current, snapshots, lse_current, lse_snapshots, kl, ctx.temperature, ctx.reverse)
+    else:
+        grad_current, grad_snapshots = torch.ops.memdisc.discrepancy_backward.default(
+            grad_kl.contiguous(), current, snapshots, lse_current, lse_snapshots, kl, ctx.temperature, ctx.reverse)
     return grad_current, grad_snapshots, None, None
 
 
@@ -70,6 +101,25 @@ torch.library.register_autograd("memdisc::discrepancy", _discrepancy_backward,
                                 setup_context=_discrepancy_setup_context)
 
 _STATE = {"loaded": False, "error": None}
+
+
+def _pgd_step_autograd(keyset, x, grad, x0, active, step, eps, lo, hi, descent):
+    """Autograd kernel of pgd_step_ without the extension (twin of csrc/bindings/pgd_autograd_cpu.cpp).
+
+    Under grad mode an input that requires grad is refused, with PyTorch's own
+    message for a leaf x or a view of one; the reference kernel's ``x.copy_``
+    then bumps x's version counter.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or grad.requires_grad or x0.requires_grad):
+        if x.requires_grad and x.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+        if x._is_view() and x._base.is_leaf and x._base.requires_grad:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+        raise RuntimeError("memdisc::pgd_step_ has no derivative, but x, grad or x0 requires grad; call it under "
+                           "torch.no_grad() or on detached tensors")
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.memdisc.pgd_step_.default.redispatch(keyset & torch._C._after_autograd_keyset, x, grad, x0, active,
+                                                       step, eps, lo, hi, descent)
 
 
 def _load_extension() -> None:
@@ -107,3 +157,5 @@ def extension_error():
 
 
 _load_extension()
+if not _STATE["loaded"]:
+    _lib.impl("pgd_step_", _pgd_step_autograd, "Autograd", with_keyset=True)

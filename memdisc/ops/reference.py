@@ -63,7 +63,8 @@ def pgd_step_reference(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, ac
     """In place: ``x <- clip_[lo,hi](clip_[x0-eps, x0+eps](x -/+ step * sign(grad)))``.
 
     x, grad, x0 [B, ...]; active [B] bool or None; rows with active False are unchanged.
-    Descent subtracts (the DSC correction), ascent adds (an attack).
+    Descent subtracts (the DSC correction), ascent adds (an attack).  Non-finite values follow
+    torch: a NaN in x or x0 propagates (torch.maximum/minimum, clamp), sign(NaN) = 0.
     """
     s = torch.sign(grad)
     new = x - step * s if descent else x + step * s
