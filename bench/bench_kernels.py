@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: eager reference vs torch.compile(reference) vs memdisc, side by side.
 
     python bench/bench_kernels.py [--device cpu|cuda] [--out DIR] [--quick | --full] [--threads N]
+                                  [--isa native|all|default|avx2|avx512]
 
 Ops: ``discrepancy`` (forward), ``discrepancy_fb`` (forward + backward of
 kl.sum()), ``pgd_step`` (in place).  Shapes: the paper's (K=1, B=100, C=10;
@@ -17,13 +18,23 @@ GB/s is bytes / median time; %copy compares with a clone of the same number
 of bytes timed in the same run (read + write counted, as for the kernels).
 The baselines are imported from memdisc.ops.reference, never copied.
 One CSV row per (op, provider, shape, dtype) goes to DIR/kernels_<device>.csv.
+
+CPU kernel variants: the extension picks its instruction set once per process
+(MEMDISC_CPU_ISA caps it), so ``--isa all`` runs the whole benchmark once per
+variant this CPU runs (default, avx2, avx512), each in its own process with its
+own eager and compile baselines timed in the same run, and writes one CSV; the
+``cpu_isa`` column tells the variants apart.  ``--isa avx2`` runs one variant;
+``native`` (the default) is whatever this process picks.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Tuple
 
@@ -55,6 +66,7 @@ class Config:
     rounds: int = 3
     min_run_time: float = 0.1
     seed: int = 0
+    isa: str = "native"                 # native | all | default | avx2 | avx512 (CPU kernel variant)
     providers: List[str] = field(default_factory=lambda: ["eager", "compile", "memdisc"])
 
 
@@ -144,12 +156,47 @@ def run(cfg: Config) -> List[Dict[str, object]]:
     return rows
 
 
+ISAS = ["default", "avx2", "avx512"]
+
+
+def runnable_isas() -> List[str]:
+    """The CPU kernel variants this process's CPU runs (capped by MEMDISC_CPU_ISA if set)."""
+    if not (ops.extension_loaded() and hasattr(torch.ops.memdisc, "cpu_isa")):
+        raise SystemExit("--isa needs the compiled extension (memdisc._C)")
+    best = torch.ops.memdisc.cpu_isa()
+    return ISAS[:ISAS.index(best) + 1]
+
+
+def run_per_isa(cfg: Config, isas: List[str]) -> List[Dict[str, object]]:
+    """The benchmark once per variant, each in a child process with MEMDISC_CPU_ISA set; rows concatenated."""
+    rows: List[Dict[str, object]] = []
+    for isa in isas:
+        with tempfile.TemporaryDirectory() as tmp:
+            args = [sys.executable, os.path.abspath(__file__), "--device", cfg.device, "--out", tmp, f"--{cfg.size}",
+                    "--dtype", cfg.dtype, "--threads", str(cfg.threads), "--rounds", str(cfg.rounds), "--isa", "native"]
+            print(f"--- cpu kernels: {isa}", flush=True)
+            subprocess.run(args, env={**os.environ, "MEMDISC_CPU_ISA": isa}, check=True)
+            with open(os.path.join(tmp, f"kernels_{cfg.device}.csv"), newline="") as f:
+                for row in csv.DictReader(f):
+                    if row["cpu_isa"] != isa:
+                        raise SystemExit(f"asked for the {isa} kernels, the child ran {row['cpu_isa']}")
+                    rows.append({k: _number(v) for k, v in row.items()})
+    return rows
+
+
+def _number(v: str) -> object:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def print_table(rows: List[Dict[str, object]]) -> None:
-    print(f"\n{'op':15s} {'shape':32s} {'provider':8s} {'median us':>11s} {'GB/s':>8s} {'%copy':>6s} "
+    print(f"\n{'op':15s} {'shape':32s} {'provider':8s} {'isa':7s} {'median us':>11s} {'GB/s':>8s} {'%copy':>6s} "
           f"{'x eager':>8s} {'x compile':>9s}")
     for r in rows:
-        print(f"{r['op']:15s} {r['shape']:32s} {r['provider']:8s} {r['median_us']:11.1f} {r['gbps']:8.2f} "
-              f"{r['pct_copy']:6.1f} {r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:9.2f}")
+        print(f"{r['op']:15s} {r['shape']:32s} {r['provider']:8s} {r.get('cpu_isa', ''):7s} {r['median_us']:11.1f} "
+              f"{r['gbps']:8.2f} {r['pct_copy']:6.1f} {r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:9.2f}")
 
 
 def main(argv=None) -> Tuple[Config, str]:
@@ -162,10 +209,20 @@ def main(argv=None) -> Tuple[Config, str]:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--isa", default="native", choices=["native", "all"] + ISAS,
+                    help="CPU kernel variant: native (this process's pick), all (each this CPU runs), or one")
     args = ap.parse_args(argv)
     cfg = Config(device=args.device, out=args.out, size=args.size or "quick", dtype=args.dtype, threads=args.threads,
-                 rounds=args.rounds)
-    rows = run(cfg)
+                 rounds=args.rounds, isa=args.isa)
+    if cfg.isa != "native" and cfg.device != "cpu":
+        ap.error("--isa selects CPU kernel variants; use it with --device cpu")
+    if cfg.isa == "native":
+        rows = run(cfg)
+    else:
+        isas = runnable_isas()
+        if cfg.isa != "all" and cfg.isa not in isas:
+            ap.error(f"--isa {cfg.isa}: this CPU runs {', '.join(isas)}")
+        rows = run_per_isa(cfg, isas if cfg.isa == "all" else [cfg.isa])
     path = os.path.join(cfg.out, f"kernels_{cfg.device}.csv")
     write_csv_atomic(path, rows)
     print_table(rows)
