@@ -24,7 +24,11 @@ CPU kernel variants: the extension picks its instruction set once per process
 variant this CPU runs (default, avx2, avx512), each in its own process with its
 own eager and compile baselines timed in the same run, and writes one CSV; the
 ``cpu_isa`` column tells the variants apart.  ``--isa avx2`` runs one variant;
-``native`` (the default) is whatever this process picks.
+``native`` (the default) is whatever this process picks.  Each child caps torch
+to the same instruction set (ATEN_CPU_CAPABILITY, which torch.compile's code
+generator also follows, and ONEDNN_MAX_CPU_ISA; a fresh inductor cache), so a
+variant is compared with eager and compile as they run on a CPU of that kind
+(``aten_isa`` and ``onednn_isa`` columns).
 """
 from __future__ import annotations
 
@@ -157,6 +161,8 @@ def run(cfg: Config) -> List[Dict[str, object]]:
 
 
 ISAS = ["default", "avx2", "avx512"]
+# oneDNN's name for the cap that matches each variant (its baseline, SSE4.1, is what torch's "default" builds for).
+ONEDNN_CAP = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}
 
 
 def runnable_isas() -> List[str]:
@@ -175,7 +181,9 @@ def run_per_isa(cfg: Config, isas: List[str]) -> List[Dict[str, object]]:
             args = [sys.executable, os.path.abspath(__file__), "--device", cfg.device, "--out", tmp, f"--{cfg.size}",
                     "--dtype", cfg.dtype, "--threads", str(cfg.threads), "--rounds", str(cfg.rounds), "--isa", "native"]
             print(f"--- cpu kernels: {isa}", flush=True)
-            subprocess.run(args, env={**os.environ, "MEMDISC_CPU_ISA": isa}, check=True)
+            capped = {"MEMDISC_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": ONEDNN_CAP[isa],
+                      "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
+            subprocess.run(args, env={**os.environ, **capped}, check=True)
             with open(os.path.join(tmp, f"kernels_{cfg.device}.csv"), newline="") as f:
                 for row in csv.DictReader(f):
                     if row["cpu_isa"] != isa:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import tempfile
 from typing import Callable, Dict, List, Sequence
@@ -22,24 +21,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def provenance(device: str) -> Dict[str, str]:
-    """Device name, versions, git commit (with a '+dirty' mark) and CPU count for every CSV row."""
+    """Device name, versions, git commit (with a '+dirty' mark), CPU count and the instruction set of each
+    kernel family (memdisc ``cpu_isa``, torch ``aten_isa``, oneDNN cap ``onednn_isa``) for every CSV row."""
     import memdisc
     import memdisc.ops as ops
-    from memdisc.artifacts import git_commit
+    from memdisc.artifacts import cpu_instruction_sets, git_commit
 
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    commit = git_commit()
-    isa = torch.ops.memdisc.cpu_isa() if ops.extension_loaded() and hasattr(torch.ops.memdisc, "cpu_isa") else "n/a"
+    isa = cpu_instruction_sets()
+    name = torch.cuda.get_device_name() if device == "cuda" else isa["cpu"]
     return {"device": device, "device_name": name, "torch": torch.__version__, "memdisc": memdisc.__version__,
-            "extension": str(ops.extension_loaded()), "cpu_isa": isa, "commit": commit,
+            "extension": str(ops.extension_loaded()), "cpu_isa": isa["memdisc"], "aten_isa": isa["aten"],
+            "onednn_isa": isa["onednn"], "commit": git_commit(),
             "cpu_count": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
 
 
