@@ -57,11 +57,10 @@ def _info(_cfg):
     import torch
 
     from memdisc.artifacts import provenance
-    from memdisc.ops import extension_error, extension_loaded
+    from memdisc.ops.library import extension_error, extension_report
     info = provenance()
     info["extension_error"] = extension_error()
-    loaded = extension_loaded()
-    info["extension_build"] = torch.ops.memdisc.build_info() if loaded else None  # "torch=...;cuda=0|1"
+    info["extension"] = extension_report()
     info["cuda_available"] = torch.cuda.is_available()
     print(json.dumps(info, indent=2))
 

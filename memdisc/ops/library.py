@@ -156,6 +156,25 @@ def extension_error():
     return _STATE["error"]
 
 
+KERNEL_OPS = ("discrepancy", "discrepancy_backward", "pgd_step_")
+
+
+def extension_report() -> dict:
+    """What the loaded build is: ``built_against`` (setup.py's record: torch, CUDA version, CUDA
+    toolkit directory, architectures), ``compiled_with`` (the extension's own ``build_info`` parsed:
+    torch, ``cxx`` = the host compiler's ``__cplusplus``, and with CUDA ``cuda_cxx``, ``cudart``,
+    ``cuda_arch``), and ``kernels``: for each op, the devices (CPU, CUDA) whose dispatch key has
+    a kernel of its own registered (the reference is registered as CompositeExplicitAutograd only).  Empty dict when the extension is not loaded."""
+    if not _STATE["loaded"]:
+        return {}
+    info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    built = json.loads(info_path.read_text()) if info_path.exists() else None
+    compiled = dict(item.split("=", 1) for item in torch.ops.memdisc.build_info().split(";"))
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    kernels = {op: [key for key in ("CPU", "CUDA") if has(f"memdisc::{op}", key)] for op in KERNEL_OPS}
+    return {"built_against": built, "compiled_with": compiled, "kernels": kernels}
+
+
 _load_extension()
 if not _STATE["loaded"]:
     _lib.impl("pgd_step_", _pgd_step_autograd, "Autograd", with_keyset=True)
