@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from formats import idx_bytes, write_pickle
+from formats import idx_bytes, make_cifar10, make_cifar100, make_idx_dataset, make_svhn, write_pickle
 
 import memdisc.data.datasets as datasets_module
 from memdisc.data.stream import _generator as _stream_generator
@@ -18,71 +18,6 @@ from memdisc.data import (DATASETS, BatchStream, DatasetFormatError, DatasetNotF
                           augment_batch, iterate_minibatches, load_dataset, mirror_ok)
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writers of small files in each standard format
-# ----------------------------------------------------------------------------------------------------------
-
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
-    data = idx_bytes(array)
-    path = path.with_name(path.name + ".gz") if gz else path
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def make_idx_dataset(folder: Path, gz: bool, n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict:
-    """Write the four MNIST-style files; returns {split: (images [N, 28, 28], labels [N])}."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)
-        arrays[split] = (images, labels)
-    return arrays
-
-
-def make_cifar10(folder: Path, seed: int = 0) -> dict:
-    """cifar-10-batches-py with five 3-sample train batches and a 4-sample test batch."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train": ([], []), "test": ([], [])}
-    for name, split, n in [(f"data_batch_{i}", "train", 3) for i in range(1, 6)] + [("test_batch", "test", 4)]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        write_pickle(folder / name, {b"batch_label": name.encode(), b"data": data, b"labels": labels},
-                     numpy1=name in ("data_batch_2", "test_batch"))
-        arrays[split][0].append(data)
-        arrays[split][1].extend(labels)
-    return {split: (np.concatenate(d), np.array(lab)) for split, (d, lab) in arrays.items()}
-
-
-def make_cifar100(folder: Path, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, n in (("train", 6), ("test", 4)):
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        fine = rng.integers(90, 100, n).tolist()  # > 9, so reading coarse labels or the CIFAR-10 key shows
-        write_pickle(folder / split, {b"data": data, b"fine_labels": fine, b"coarse_labels": [0] * n})
-        arrays[split] = (data, np.array(fine))
-    return arrays
-
-
-def make_svhn(folder: Path, seed: int = 0) -> dict:
-    """train_32x32.mat / test_32x32.mat with X [32, 32, 3, N] and y [N, 1] in 1..10 (10 included)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, n in (("train", 7), ("test", 3)):
-        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-        y = np.concatenate([[10, 1], rng.integers(1, 11, n - 2)]).astype(np.uint8)[:, None]
-        scipy.io.savemat(folder / f"{split}_32x32.mat", {"X": x, "y": y})
-        arrays[split] = (x, y)
-    return arrays
 
 
 def index_dataset(n: int, shape=(1, 28, 28), num_classes: int = 10) -> ImageDataset:
