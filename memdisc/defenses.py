@@ -4,7 +4,8 @@ sections 3 and 5).  A defence never sees which samples are poisoned.
 One interface for all of them, usable from any training loop::
 
     x_train, report = defense.correct(model, x, y, step)   # the batch to train on
-    loss, report = defense.train_step(model, optimizer, x, y, step)  # correct + one SGD step
+    loss = defense.train_on(model, optimizer, x_train, y)  # one SGD step on it
+    loss, report = defense.train_step(model, optimizer, x, y, step)  # both: correct + one SGD step
 
 ``report`` is a :class:`BatchReport` with per-sample information.
 """
@@ -70,15 +71,21 @@ class Defense:
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                    step: int) -> tuple[torch.Tensor, BatchReport]:
-        """Correct the batch, then one SGD step (model in train mode, plain mean CE).  Returns (loss, report)."""
+        """Correct the batch, then one SGD step on it (:meth:`train_on`).  Returns (loss, report)."""
         x_train, report = self.correct(model, x, y, step)
+        return self.train_on(model, optimizer, x_train, y), report
+
+    def train_on(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_train: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """One SGD step on ``x_train`` ([B, ...], the batch ``correct`` returned; y [B]), model in train
+        mode, plain mean CE, gradients through :meth:`clip_gradients`.  Returns the detached loss."""
         model.train()
         loss = F.cross_entropy(model(x_train), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.clip_gradients(model)
         optimizer.step()
-        return loss.detach(), report
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return {}

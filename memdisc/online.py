@@ -14,6 +14,10 @@ the poisoned batch and of its clean counterpart are recorded (evaluation only,
 never shown to the defence) -> the defence trains on the batch -> test error.
 Accumulation stops when the error exceeds the stop threshold or after
 ``max_steps``; then one step on the (poisoned) trigger batch.
+
+Files in OUT: config.json, state.pt (resumable state, every ``checkpoint_every`` steps),
+result.json (every number) and attack_batch.png (``memdisc.pictures``: the first online
+batch clean, as received, their difference, and what the defence trained on).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT,
                                ThresholdSchedule)
 from memdisc.evaluate import error_rate
 from memdisc.metrics import detection_summary
+from memdisc.pictures import PICTURE_NAME, PICTURE_STEP, write_batch_picture_safely
 from memdisc.snapshots import SnapshotSet, discrepancy_scores
 
 
@@ -333,15 +338,28 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     run.snapshots.observe(model)
     md_in, md_clean = run.scores(x_in), run.scores(x)  # evaluation only: never shown to the defence
     t2 = _clock(run.device)
-    _, report = run.defense.train_step(model, run.optimizer, x_in, y, progress.step)
+    x_train, report = run.defense.correct(model, x_in, y, progress.step)
+    run.defense.train_on(model, run.optimizer, x_train, y)
     t3 = _clock(run.device)
     err = error_rate(model, *run.eval_step)
     timing["attack"] += t1 - t0
     timing["scoring"] += t2 - t1
     timing["defense"] += t3 - t2
     timing["eval"] += _clock(run.device) - t3
+    if progress.step == PICTURE_STEP:  # outside the timed phases; a failure only warns
+        _write_picture(run, x, x_in, x_train, poisoned)
     progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None)
     return err
+
+
+def _write_picture(run: OnlineRun, x: torch.Tensor, x_in: torch.Tensor, x_train: torch.Tensor,
+                   poisoned: torch.Tensor) -> None:
+    """OUT/attack_batch.png of this step's batch: clean, received, trained on (``memdisc.pictures``)."""
+    cfg = run.cfg
+    what = "no attack (control)" if cfg.control else f"accumulative attack, eps {cfg.attack.eps:g}"
+    title = f"defence {cfg.defense}, {what}, seed {cfg.seed}, online step {PICTURE_STEP}"
+    write_batch_picture_safely(Path(cfg.out) / PICTURE_NAME, x, x_in, x_train, poisoned, eps=cfg.attack.eps,
+                               title=title, attacked=not cfg.control)
 
 
 def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
@@ -414,6 +432,7 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
                    **{f"{k}_seconds": v for k, v in timing.items()},
                    "samples_per_second": rec.step * cfg.batch_size / max(timing["defense"], 1e-9)},
         "provenance": provenance(cfg.seed, run.device),
+        "picture": PICTURE_NAME if (out / PICTURE_NAME).exists() else None,
     }
     write_json(result_path, result)
     return result
