@@ -60,7 +60,7 @@ def _info(_cfg):
     from memdisc.ops.library import extension_error, extension_report
     info = provenance()
     info["extension_error"] = extension_error()
-    info["extension"] = extension_report()
+    info["extension_build"] = extension_report()
     info["cuda_available"] = torch.cuda.is_available()
     print(json.dumps(info, indent=2))
 

@@ -58,7 +58,7 @@ for key in ("cxx", "cuda_cxx"):
         problems.append(f"{key} = {compiled.get(key)}: torch 2.14 needs C++20 (202002)")
 info = json.loads(subprocess.run([sys.executable, "-m", "memdisc.cli", "info"], check=True,
                                  capture_output=True, text=True).stdout)
-if info["extension"] != json.loads(json.dumps(report)):
+if info["extension_build"] != json.loads(json.dumps(report)):
     problems.append("`memdisc info` does not report the loaded CUDA build")
 if problems:
     sys.exit("[cuda-torch] FAILED:\n  " + "\n  ".join(problems))

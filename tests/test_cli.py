@@ -137,10 +137,18 @@ def test_info_prints_json(capsys):
     assert {"memdisc", "torch", "commit", "device"} <= set(info)
     assert info["extension_error"] is None or not info["extension"]
     if info["extension"]:
-        assert info["extension_build"].startswith("torch=") and info["cpu_isa"]["memdisc"] in ("avx512", "avx2",
-                                                                                                "default")
+        build = info["extension_build"]
+        assert info["cpu_isa"]["memdisc"] in ("avx512", "avx2", "default")
+        assert build["built_against"]["torch"] == torch.__version__
+        assert build["compiled_with"]["torch"] == torch.__version__.split("+")[0]
+        assert int(build["compiled_with"]["cxx"]) >= 201703
+        cuda_built = build["compiled_with"]["cuda"] == "1"
+        assert cuda_built == (build["built_against"]["cuda"] is not None)
+        assert (build["built_against"]["cuda_skipped"] is None) == cuda_built
+        expected = ["CPU", "CUDA"] if cuda_built else ["CPU"]
+        assert build["kernels"] == {op: expected for op in ("discrepancy", "discrepancy_backward", "pgd_step_")}
     else:
-        assert info["extension_build"] is None and info["cpu_isa"]["memdisc"] == "reference"
+        assert info["extension_build"] == {} and info["cpu_isa"]["memdisc"] == "reference"
     assert info["cpu_isa"]["aten"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(info["cuda_available"], bool)
 
