@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memdisc.artifacts import load_snapshot, provenance, remove_stale_temp_files, save_snapshot, write_json
-from memdisc.config import check_choice, check_int, check_number, check_seed, comparable, field, to_dict
+from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
+                            to_dict)
 from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
 from memdisc.evaluate import error_rate
-from memdisc.models import MODELS, build_model
+from memdisc.models import MODELS, ZOO, build_model, check_zoo_options, load_weights
 
 
 @dataclasses.dataclass
@@ -34,7 +35,11 @@ class BurninConfig:
     dataset: str = field("fashion-mnist", "dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn")
     data_dir: str | None = field(None, "directory holding the dataset files (default: the dataset's standard place)",
                                  path="data")
-    model: str = field("cnn", "model name: cnn, resnet18")
+    model: str = field("cnn", "model name: cnn, resnet18, or a torchvision victim (needs torchvision): "
+                              + ", ".join(ZOO))
+    model_weights: str | None = field(None, "weights of a tv-* model: a state_dict file saved with torch.save (e.g. "
+                                            "torchvision's downloaded .pth); a head with another number of classes "
+                                            "stays freshly initialised (default: random initialisation)", path="data")
     norm: str = field("auto", "normalisation layers: auto, bn, gn, none")
     epochs: int = field(6, "training epochs (seed: 40 on CIFAR-10)")
     batch_size: int = field(128, "minibatch size (seed: 256)")
@@ -51,11 +56,17 @@ class BurninConfig:
     out: str | None = field(None, "run directory (default: runs/burnin-DATASET-MODEL-sSEED)", path="run")
 
     def __post_init__(self):
-        """Known dataset, model and norm; counts >= 1; lr > 0, momentum and weight decay >= 0, finite;
-        a seed in [0, 2**32).  (The data files are checked when a run starts, before it writes.)"""
+        """Known dataset, model and norm (a tv-* model: torchvision importable, norm auto); an existing
+        model_weights file; counts >= 1; lr > 0, momentum and weight decay >= 0, finite; a seed in
+        [0, 2**32).  (The data files, and the weights' contents, are checked when a run starts, before
+        it writes.)"""
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("model", self.model, sorted(MODELS))
         check_choice("norm", self.norm, ("auto", "bn", "gn", "none"))
+        check_zoo_options(self.model, self.norm)
+        if self.model_weights is not None and not Path(self.model_weights).expanduser().is_file():
+            raise OptionError("model_weights", f"no such file {self.model_weights!r}; give a state_dict file saved "
+                                               "with torch.save")
         for name in ("epochs", "batch_size", "snapshot_every"):
             check_int(name, getattr(self, name))
         for name in ("train_subset", "test_subset"):
@@ -112,13 +123,19 @@ def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
         test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
     x_test, y_test = (t.to(device) for t in test.tensors())
 
-    pixels = train.images.float().div_(255)
     spec = {"name": cfg.model, "in_channels": train.shape[0], "num_classes": train.num_classes,
-            "image_size": train.shape[1], "norm": cfg.norm,
-            "mean": pixels.mean(dim=(0, 2, 3)).tolist(), "std": pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()}
-    del pixels
+            "image_size": train.shape[1], "norm": cfg.norm}
+    if cfg.model not in ZOO:  # a tv-* model normalises with ImageNet's statistics, which its weights expect
+        pixels = train.images.float().div_(255)
+        spec |= {"mean": pixels.mean(dim=(0, 2, 3)).tolist(), "std": pixels.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()}
+        del pixels
     torch.manual_seed(cfg.seed)
-    model = build_model(**spec).to(device)
+    model = build_model(**spec)
+    if cfg.model_weights is not None:
+        loaded = load_weights(model, cfg.model_weights)  # the snapshots hold the weights from here on
+        if progress:
+            print(loaded)
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     start_epoch = 0

@@ -1,16 +1,26 @@
-"""Model definitions (no torchvision needed) and a registry by name.
+"""Model definitions and a registry by name.
 
 Every model takes images in [0, 1] of shape [B, C, H, W] and normalises them
 inside (per-channel ``(x - mean) / std`` buffers), so attacks and defences
 work in pixel space.  Outputs are logits [B, num_classes].
+
+memdisc's own models ("cnn", "resnet18") need nothing beyond torch.  The
+``tv-*`` victims (:data:`ZOO`) are torchvision.models classifiers, built only
+when torchvision is importable, never downloaded: their weights come from a
+file the user names (:func:`load_weights`).  Every model names its classifier
+head (``head_name``, :func:`classifier_head`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from memdisc.config import OptionError
 
 
 class Normalize(nn.Module):
@@ -41,6 +51,8 @@ class SmallCNN(nn.Module):
     conv3x3(in->w) - norm - ReLU - maxpool2 - conv3x3(w->2w) - norm - ReLU - maxpool2
     - flatten - linear(2w*(H/4)*(W/4) -> hidden) - ReLU - linear(hidden -> classes).
     """
+
+    head_name = "classifier.3"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, norm: str = "none",
                  width: int = 16, hidden: int = 128, mean: Sequence[float] | None = None,
@@ -83,6 +95,8 @@ class ResNet18(nn.Module):
     """The seed's CIFAR ResNet-18: 3x3 stride-1 stem, four stages of two basic blocks
     (64, 128, 256, 512 channels), global average pooling, linear head."""
 
+    head_name = "head"
+
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, norm: str = "bn",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
@@ -102,25 +116,117 @@ class ResNet18(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ZooArch:
+    """What memdisc needs to know of one torchvision.models classifier.
+
+    Attributes:
+        head: dotted path of its final linear layer in the torchvision network.
+        input_size: the input side it takes: the smallest (a smaller input is upscaled), or,
+            with ``fixed``, the only one (every input is resized to it).
+    """
+
+    head: str
+    input_size: int
+    fixed: bool = False
+
+
+# "tv-" + the torchvision.models builder name.  The CNNs halve the side five times (VGG with
+# unpadded max-pools), so they take at least 32x32; ViT-B/16's position embeddings are for the
+# 14x14 patch grid of a 224x224 image.
+ZOO: dict[str, ZooArch] = {
+    **{f"tv-{n}": ZooArch("fc", 32) for n in ("resnet18", "resnet34", "resnet50")},
+    **{f"tv-{n}": ZooArch("classifier.6", 32) for n in ("vgg11", "vgg11_bn", "vgg16", "vgg16_bn")},
+    "tv-mobilenet_v2": ZooArch("classifier.1", 32),
+    "tv-mobilenet_v3_small": ZooArch("classifier.3", 32),
+    "tv-vit_b_16": ZooArch("heads.head", 224, fixed=True),
+}
+
+
+def torchvision_problem(name: str) -> str | None:
+    """Why zoo model ``name`` cannot be built here (torchvision not importable), or None."""
+    try:
+        import torchvision.models  # noqa: F401
+    except Exception as exc:  # ImportError, or e.g. RuntimeError from a torchvision built for another torch
+        return (f"{name} needs torchvision, which is not importable with this torch ({torch.__version__}): "
+                f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def check_zoo_options(name: str, norm: str = "auto") -> None:
+    """For a ``tv-*`` model: torchvision importable and ``norm`` "auto" (the network's own layers).
+
+    Raises:
+        OptionError: naming ``model`` or ``norm``.
+    """
+    if name not in ZOO:
+        return
+    problem = torchvision_problem(name)
+    if problem:
+        raise OptionError("model", problem)
+    if norm != "auto":
+        raise OptionError("norm", f"{name} keeps torchvision's own normalisation layers; expected auto, got {norm!r}")
+
+
+class ZooVictim(nn.Module):
+    """A torchvision.models classifier as a memdisc victim (``net``, built with ``weights=None``).
+
+    forward: x float [B, C, H, W] in [0, 1], C in {1, 3}
+        -> channels repeated to 3 (C = 1) -> ``(x - mean) / std`` with ImageNet's statistics (what
+        torchvision's weights expect) -> bilinear resize to ``input_size`` x ``input_size`` if the side
+        differs -> ``net`` -> logits [B, num_classes].
+    ``input_size``: ``image_size``, raised to the architecture's minimum (or its fixed size, :class:`ZooArch`).
+    """
+
+    def __init__(self, name: str, in_channels: int, num_classes: int, image_size: int):
+        super().__init__()
+        import torchvision.models
+
+        arch = ZOO[name]
+        self.name, self.head_name = name, "net." + arch.head
+        self.input_size = arch.input_size if arch.fixed else max(image_size, arch.input_size)
+        self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.net = getattr(torchvision.models, name[len("tv-"):])(weights=None, num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x.expand(-1, 3, -1, -1))
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        return self.net(x)
+
+
 MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "cnn": (SmallCNN, "none"),
     "resnet18": (ResNet18, "bn"),
+    **{name: (ZooVictim, "auto") for name in ZOO},
 }
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The final linear layer of a model built by :func:`build_model` (what a transfer set-up retrains)."""
+    return model.get_submodule(model.head_name)
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, norm: str = "auto",
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
-    """Instantiate a registered model.
+    """Instantiate a registered model (randomly initialised; for a ``tv-*`` model see :func:`load_weights`).
 
     Args:
-        name: one of ``MODELS`` ("cnn", "resnet18").
-        in_channels, num_classes, image_size: input channels, output classes, input side length.
-        norm: "bn", "gn", "none", or "auto" (the model's default: none for cnn, bn for resnet18).
+        name: one of ``MODELS``: "cnn", "resnet18", or a torchvision victim of :data:`ZOO` ("tv-resnet18", ...).
+        in_channels, num_classes, image_size: input channels, output classes, input side length
+            (a ``tv-*`` model takes 1 or 3 channels and adapts the side, :class:`ZooVictim`).
+        norm: "bn", "gn", "none", or "auto" (the model's default: none for cnn, bn for resnet18; a
+            ``tv-*`` model takes only "auto", its own layers).
         mean, std: per-channel input statistics used by the built-in normalisation
             (``in_channels`` values each, std > 0; default 0.5, mapping [0, 1] to [-1, 1]).
+            A ``tv-*`` model takes neither: it normalises with ImageNet's.
 
     Raises:
-        ValueError: naming the argument (``model`` for an unknown name) and what was expected.
+        ValueError: naming the argument (``model`` for an unknown name or a ``tv-*`` model without
+            torchvision) and what was expected.
     """
     if name not in MODELS:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
@@ -129,6 +235,15 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
     if norm not in ("auto", "bn", "gn", "none"):
         raise ValueError(f"norm: expected 'auto', 'bn', 'gn' or 'none', got {norm!r}")
+    if name in ZOO:
+        check_zoo_options(name, norm)
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels: {name} takes 1 (repeated to 3) or 3 channels, got {in_channels}")
+        for arg, value in (("mean", mean), ("std", std)):
+            if value is not None:
+                raise ValueError(f"{arg}: {name} normalises with ImageNet's statistics (its weights expect them); "
+                                 f"expected none, got {list(value)}")
+        return ZooVictim(name, in_channels, num_classes, image_size)
     for arg, value in (("mean", mean), ("std", std)):
         if value is not None and len(value) != in_channels:
             raise ValueError(f"{arg}: expected {in_channels} values (one per input channel), got {len(value)}")
@@ -139,3 +254,57 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
     cls, default_norm = MODELS[name]
     return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                norm=default_norm if norm == "auto" else norm, mean=mean, std=std)
+
+
+def _some(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> str:
+    """Load a torchvision state_dict file into a ``tv-*`` victim's network, in place.
+
+    The file is what ``torch.save(net.state_dict(), path)`` writes for the torchvision network
+    (torchvision's own downloaded ``.pth`` files are such files); it is read with
+    ``weights_only=True``.  Every tensor is loaded, except a classifier head whose shape differs
+    (the file's number of classes is not the model's): that head keeps its fresh initialisation.
+
+    Returns:
+        one line saying what was loaded (and which head stayed fresh).
+
+    Raises:
+        ValueError: naming the file: missing, unreadable, not a state_dict, or not of this architecture
+            (the first missing, unexpected and differently shaped keys); or a model that is not ``tv-*``.
+    """
+    if not isinstance(model, ZooVictim):
+        raise ValueError(f"model_weights: only the torchvision victims ({', '.join(ZOO)}) take a weights file")
+    shown = str(path)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{shown}: no such weights file for {model.name}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        raise ValueError(f"{shown}: not a readable torch file ({type(exc).__name__}: {exc}); give a state_dict "
+                         f"saved with torch.save") from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{shown}: not a state_dict (a dict of parameter name -> tensor); save net.state_dict() "
+                         f"of the torchvision {model.name[len('tv-'):]}")
+    own = model.net.state_dict()
+    head = model.head_name[len("net."):] + "."
+    fresh = [k for k in own if k.startswith(head) and k in state and state[k].shape != own[k].shape]
+    # BatchNorm fills a missing num_batches_tracked (files older than PyTorch 0.4.1 lack it)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} here"
+                for k in own if k in state and k not in fresh and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{what}: {_some(keys)}" for what, keys in (("missing from the file", missing),
+                 ("unexpected", unexpected), ("other shapes", reshaped)) if keys]
+        raise ValueError(f"{shown}: not a state_dict of {model.name} (torchvision {model.name[len('tv-'):]}); "
+                         + "; ".join(parts))
+    model.net.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    if not fresh:
+        return f"{model.name}: loaded all {len(state)} tensors of {shown}"
+    return (f"{model.name}: loaded {shown} except its head {head[:-1]} ({state[fresh[0]].shape[0]} classes in the "
+            f"file, {own[fresh[0]].shape[0]} here), which stays freshly initialised")

@@ -1,11 +1,17 @@
 """memdisc.models: shapes, normalisation layers and buffers, registry errors, input gradients."""
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from memdisc.models import MODELS, build_model
+from memdisc.burnin import BurninConfig
+from memdisc.cli import main
+from memdisc.config import build
+from memdisc.models import MODELS, ZOO, build_model, classifier_head, load_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # resnet18 on two busy cores: one thread is faster
 NORM_LAYERS = {"bn": nn.BatchNorm2d, "gn": nn.GroupNorm}
@@ -113,3 +119,43 @@ def test_input_gradient_matches_finite_difference(norm):
         slope = (nn.functional.cross_entropy(model(x + h * direction), y)
                  - nn.functional.cross_entropy(model(x - h * direction), y)) / (2 * h)
     assert slope.item() == pytest.approx(grad.norm().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("name, head", [("cnn", "classifier.3"), ("resnet18", "head")])
+def test_classifier_head_is_the_last_linear_layer(name, head):
+    model = build_model(name, 3, 10, 32)
+    assert classifier_head(model) is model.get_submodule(head)
+    assert isinstance(classifier_head(model), nn.Linear) and classifier_head(model).out_features == 10
+
+
+# The torchvision victims without torchvision (the CPU-torch path; simulated, so these run under either torch).
+
+@pytest.fixture
+def no_torchvision(monkeypatch):
+    """``import torchvision`` fails as it does where torchvision is not installed."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+
+
+def test_zoo_without_torchvision_is_a_clear_error(no_torchvision, tmp_path, capsys):
+    expected = f"tv-resnet18 needs torchvision, which is not importable with this torch ({torch.__version__}): "
+    with pytest.raises(ValueError, match="^" + re.escape(f"model: {expected}ModuleNotFoundError")):
+        build_model("tv-resnet18", 1, 10, 28)
+    with pytest.raises(ValueError, match="^" + re.escape(f"model (--model): {expected}")):
+        build(BurninConfig, {"model": "tv-resnet18"})
+    assert main(["burnin", "--model", "tv-resnet18", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memdisc burnin: error: model (--model): {expected}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    assert "tv-resnet18" in MODELS and set(ZOO) <= set(MODELS)  # known names, whatever is installed
+
+
+def test_weights_options_are_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^model_weights \(--model-weights\): no such file 'absent.pth'"):
+        build(BurninConfig, {"model_weights": "absent.pth"})
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    with pytest.raises(ValueError, match=r"^model_weights: only the torchvision victims \(tv-resnet18, "):
+        load_weights(build_model("cnn", 1, 10, 28), weights)
+    assert main(["burnin", "--model-weights", str(tmp_path / "absent.pth")]) == 2
+    assert "model_weights (--model-weights): no such file" in capsys.readouterr().err
