@@ -16,8 +16,9 @@ with probability 1/2.  Providers, on the burn-in batch shapes (128x1x28x28 Fashi
 Distribution check, per provider, on an "index image" (pixel value = h*W + w + 1, so each output's
 crop offset and flip can be read back from two centre pixels) over ``--batches`` batches:
 ``distinct_draws`` is the mean number of distinct (dy, dx, flip) per batch (1 for the batched v2;
-``distinct_expected`` = n (1 - (1 - 1/n)^b) for b independent uniform draws on n cells), ``chi2_p`` the p-value of Pearson's chi-square test of the pooled
-draws against the uniform law on the (2p+1)^2 x 2 cells (small: not that law).
+``distinct_expected`` = n (1 - (1 - 1/n)^b) for b independent uniform draws on n cells), ``chi2_p``
+the p-value of Pearson's chi-square test of the pooled draws against the uniform law on the
+n = (2p+1)^2 x 2 cells (small: not that law).
 
 One CSV row per (provider, shape) goes to DIR/augment_cpu.csv, with provenance and torchvision's
 version.  Needs torchvision (e.g. the CUDA-torch venv: MEMDISC_DISABLE_EXTENSION=1 is fine, no
