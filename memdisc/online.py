@@ -16,8 +16,9 @@ Accumulation stops when the error exceeds the stop threshold or after
 ``max_steps``; then one step on the (poisoned) trigger batch.
 
 Files in OUT: config.json, state.pt (resumable state, every ``checkpoint_every`` steps),
-result.json (every number) and attack_batch.png (``memdisc.pictures``: the first online
-batch clean, as received, their difference, and what the defence trained on).
+result.json (every number) and attack_batch.png (``memdisc.pictures``: one online batch
+clean, as received, their difference, and what the defence trained on; the first batch the
+defence changed, or the first batch while it changed none).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT,
                                ThresholdSchedule)
 from memdisc.evaluate import error_rate
 from memdisc.metrics import detection_summary
-from memdisc.pictures import PICTURE_NAME, PICTURE_STEP, write_batch_picture_safely
+from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
 from memdisc.snapshots import SnapshotSet, discrepancy_scores
 
 
@@ -254,6 +255,8 @@ class RunRecord:
     batch_scores: dict = dataclasses.field(default_factory=lambda: {"poisoned": [], "clean": []})
     timing: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(("attack", "defense", "scoring", "eval"),
                                                                            0.0))
+    # the batch in attack_batch.png: {"step", "corrected" (the defence changed it), "written"}
+    picture: dict | None = None
 
     def record(self, err: float, md_in: torch.Tensor, md_clean: torch.Tensor, poisoned: torch.Tensor,
                report, attacked: bool) -> None:
@@ -346,20 +349,25 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     timing["scoring"] += t2 - t1
     timing["defense"] += t3 - t2
     timing["eval"] += _clock(run.device) - t3
-    if progress.step == PICTURE_STEP:  # outside the timed phases; a failure only warns
-        _write_picture(run, x, x_in, x_train, poisoned)
+    # outside the timed phases: the first batch, replaced once by the first one the defence changed
+    corrected = bool(report.moved.any())
+    if progress.picture is None or (corrected and not progress.picture["corrected"]):
+        progress.picture = {"step": progress.step, "corrected": corrected,
+                            "written": _write_picture(run, progress.step, corrected, x, x_in, x_train, poisoned)}
     progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None)
     return err
 
 
-def _write_picture(run: OnlineRun, x: torch.Tensor, x_in: torch.Tensor, x_train: torch.Tensor,
-                   poisoned: torch.Tensor) -> None:
-    """OUT/attack_batch.png of this step's batch: clean, received, trained on (``memdisc.pictures``)."""
+def _write_picture(run: OnlineRun, step: int, corrected: bool, x: torch.Tensor, x_in: torch.Tensor,
+                   x_train: torch.Tensor, poisoned: torch.Tensor) -> bool:
+    """OUT/attack_batch.png of this step's batch: clean, received, trained on (``memdisc.pictures``).
+    Returns whether it was written (a failure is a warning)."""
     cfg = run.cfg
     what = "no attack (control)" if cfg.control else f"accumulative attack, eps {cfg.attack.eps:g}"
-    title = f"defence {cfg.defense}, {what}, seed {cfg.seed}, online step {PICTURE_STEP}"
-    write_batch_picture_safely(Path(cfg.out) / PICTURE_NAME, x, x_in, x_train, poisoned, eps=cfg.attack.eps,
-                               title=title, attacked=not cfg.control)
+    which = "the first batch the defence changed" if corrected else "the first batch; the defence changed none"
+    title = f"defence {cfg.defense}, {what}, seed {cfg.seed}, online step {step} ({which})"
+    return write_batch_picture_safely(Path(cfg.out) / PICTURE_NAME, x, x_in, x_train, poisoned, eps=cfg.attack.eps,
+                                      title=title, attacked=not cfg.control) is not None
 
 
 def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
@@ -432,7 +440,9 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
                    **{f"{k}_seconds": v for k, v in timing.items()},
                    "samples_per_second": rec.step * cfg.batch_size / max(timing["defense"], 1e-9)},
         "provenance": provenance(cfg.seed, run.device),
-        "picture": PICTURE_NAME if (out / PICTURE_NAME).exists() else None,
+        "picture": {"file": PICTURE_NAME if rec.picture["written"] and (out / PICTURE_NAME).exists() else None,
+                    "step": rec.picture["step"], "corrected": rec.picture["corrected"]}
+                   if rec.picture is not None else {"file": None, "step": None, "corrected": None},
     }
     write_json(result_path, result)
     return result

@@ -1,18 +1,24 @@
 """Pictures of what the attack did to one online batch, and what the defence trained on.
 
-Every online run writes ``OUT/attack_batch.png`` (:data:`PICTURE_NAME`) from its first online
-step (:data:`PICTURE_STEP`), so a resumed run never writes another picture: the step is not
-replayed once the state after it is saved, and if it is replayed it gives the same batch and
-the same pixels.  Layout (white background)::
+Every online run (``memdisc.online``) writes ``OUT/attack_batch.png`` (:data:`PICTURE_NAME`)
+at its first online step, and replaces it once, at the first step whose batch the defence
+changed (DSC often passes the first batches through; ST, GC and the control never change one,
+so theirs stays the first batch).  The choice is a function of the run's seeded trajectory and
+is kept in its resumable state, so a resumed run writes the same picture: a step is replayed
+only from the last checkpoint, to the same batch and the same pixels.  Layout (white
+background)::
 
-    header: run name, step, which batch rows are shown, the difference scale
+    header: defence, attack, seed, step, which batch rows are shown, the difference scale
     +---------------------+---- N sample columns (N = min(8, B)), poisoned rows first ----+
     | clean               |  the stream's batch as drawn                                    |
     | received            |  what the attacker sent (= clean for the no-attack control)     |
     | received - clean    |  0.5 + gain * (received - clean), per channel: gray = 0         |
     | trained on          |  what the defence trained on (= received for ST, GC)            |
-    | trained on - received|  0.5 + gain * (trained on - received): the correction          |
+    | trained on -        |  0.5 + gain * (trained on - received): the correction          |
+    |   received          |                                                                 |
     +---------------------+-----------------------------------------------------------------+
+
+The grid fills the bottom right corner: the label column is widened when the header is wider.
 
 ``gain = 0.5 / eps`` (eps: the attack's L-inf radius), so a pixel moved by +eps is white and
 by -eps black; larger moves (a correction with a wider radius) are clipped.  For the
@@ -23,8 +29,8 @@ Tiles are the images magnified by an integer factor (nearest neighbour; 28 x 28 
 The tile grid is ``torchvision.utils.make_grid`` and the file ``torchvision.utils.save_image``
 when torchvision imports; otherwise :func:`make_grid` and :func:`save_png` here, which give
 the same pixels (tested).  The row labels and the header are drawn with Pillow (a dependency
-of matplotlib and of torchvision) on both paths.  Writing costs a few milliseconds once per
-run; a failure is a warning, never the end of the run (:func:`write_batch_picture_safely`).
+of matplotlib and of torchvision) on both paths.  Writing costs a few milliseconds, at most
+twice per run; a failure is a warning, never the end of the run (:func:`write_batch_picture_safely`).
 """
 from __future__ import annotations
 
@@ -40,11 +46,10 @@ import torch
 
 from memdisc.artifacts import atomic_write_bytes
 
-__all__ = ["PICTURE_NAME", "PICTURE_STEP", "ROWS", "BACKENDS", "pick_samples", "difference_tile", "make_grid",
+__all__ = ["PICTURE_NAME", "ROWS", "BACKENDS", "pick_samples", "difference_tile", "make_grid",
            "save_png", "batch_canvas", "encode_png", "write_batch_picture", "write_batch_picture_safely"]
 
 PICTURE_NAME = "attack_batch.png"
-PICTURE_STEP = 0
 SAMPLES = 8
 ROWS = ("clean", "received", "received - clean", "trained on", "trained on - received")
 BACKENDS = ("auto", "torchvision", "fallback")
@@ -192,12 +197,13 @@ def batch_canvas(clean: torch.Tensor, received: torch.Tensor, trained: torch.Ten
     grid = grid_fn(tiles, nrow=n, padding=PADDING, pad_value=PAD_VALUE)
     th, tw = tiles.shape[-2:]
     labels = _row_labels(gain, attacked, corrected)
-    label_w = max(map(_text_width, labels)) + 2 * MARGIN
+    lines = [line for line in title.split("\n") if line]
+    header_w = max(map(_text_width, lines)) + 2 * MARGIN if lines else 0
+    label_w = max(max(map(_text_width, labels)) + 2 * MARGIN, header_w - grid.shape[2])
     label_col = _text_image((label_w, grid.shape[1]), [
         (MARGIN, PADDING + i * (th + PADDING) + (th - LINE * (text.count("\n") + 1)) // 2, text)
         for i, text in enumerate(labels)])
     body = torch.cat([label_col, grid], dim=2)
-    lines = [line for line in title.split("\n") if line]
     if lines:
         header = _text_image((body.shape[2], 2 * MARGIN + LINE * len(lines)), [(MARGIN, MARGIN, "\n".join(lines))])
         canvas = torch.cat([header, body], dim=1)

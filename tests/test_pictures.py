@@ -7,7 +7,6 @@ one tiny RGB CIFAR-format run) and decode the PNG they wrote.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from pathlib import Path
@@ -22,7 +21,7 @@ from formats import write_pickle
 from memdisc.attacks import AccumulativeAttack, AttackConfig
 from memdisc.burnin import BurninConfig, run_burnin
 from memdisc.data import BatchStream
-from memdisc.online import OnlineConfig, run_online
+from memdisc.online import DSCConfig, OnlineConfig, run_online
 from memdisc.pictures import PICTURE_NAME, ROWS, batch_canvas, encode_png, write_batch_picture
 
 EPS = 0.2
@@ -157,6 +156,15 @@ def test_an_uncorrected_batch_has_a_gray_correction_row_and_says_so(tmp_path):
     assert info["labels"][3] == "trained on\n(= received)"
 
 
+def test_a_header_wider_than_a_small_grid_widens_the_labels_not_the_grid():
+    clean, received, trained = batches(1, n=2)
+    title = "a header line much wider than two tiles and their labels, " * 3
+    canvas, layout = batch_canvas(clean, received, trained, gain=GAIN, title=title, backend="fallback")
+    (x0, y0), (py, px) = layout["origin"], layout["pitch"]
+    assert canvas.shape[1:] == (y0 + len(ROWS) * py, x0 + 2 * px)
+    assert x0 > 200 and (canvas[:, :y0, -pictures.MARGIN:] == 1.0).all()  # the text ends inside the canvas
+
+
 def test_poisoned_rows_come_first_then_clean_ones():
     poisoned = torch.tensor([False, True, False, True, True, False, False, False, False, True])
     assert pictures.pick_samples(poisoned).tolist() == [1, 3, 4, 9, 0, 2, 5, 6]
@@ -218,8 +226,8 @@ def test_an_online_run_pictures_its_first_batch_with_the_attack_s_perturbation(b
     cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-ST", defense="ST", attack=AttackConfig(poison_scale=0.75))
     result, seen = run_capturing_step0(cfg, monkeypatch)
     path = Path(cfg.out) / PICTURE_NAME
-    assert result["picture"] == PICTURE_NAME and path.is_file()
-    assert json.loads((Path(cfg.out) / "result.json").read_text())["picture"] == PICTURE_NAME
+    assert result["picture"] == {"file": PICTURE_NAME, "step": 0, "corrected": False} and path.is_file()
+    assert json.loads((Path(cfg.out) / "result.json").read_text())["picture"] == result["picture"]
     pixels = decode(path)
     clean, received, poisoned = seen["clean"], seen["received"], seen["poisoned"]
     rows = pictures.pick_samples(poisoned)
@@ -245,7 +253,7 @@ def test_an_online_run_pictures_its_first_batch_with_the_attack_s_perturbation(b
 def test_the_control_and_a_dsc_run_write_a_picture(burnin_dir, name, kwargs):
     cfg = online_cfg(burnin_dir, burnin_dir.parent / f"run-{name}", max_steps=1, **kwargs)
     result = run_online(cfg, progress=False)
-    assert result["picture"] == PICTURE_NAME
+    assert result["picture"]["file"] == PICTURE_NAME
     pixels = decode(Path(cfg.out) / PICTURE_NAME)
     layout = run_layout(pixels, 28)
     diff = np.stack([tile(pixels, layout, "received - clean", col) for col in range(8)])
@@ -255,41 +263,68 @@ def test_the_control_and_a_dsc_run_write_a_picture(burnin_dir, name, kwargs):
         assert (diff != 128).any()
 
 
-def test_a_resumed_run_keeps_the_same_picture(burnin_dir, monkeypatch):
-    kwargs = dict(defense="DSC-sample", ring_lags="2", stop_error=1.0, max_steps=4)
-    reference = online_cfg(burnin_dir, burnin_dir.parent / "run-reference", **kwargs)
-    run_online(reference, progress=False)
-    expected = (Path(reference.out) / PICTURE_NAME).read_bytes()
+# DSC-batch against the start model itself (history epoch 2 = the burn-in's last) with a fixed threshold just
+# above 0: the discrepancy is exactly 0 at step 0, so the first batch passes through and the second is corrected.
+LATE_CORRECTION = dict(defense="DSC-batch", history_epochs="2", dsc=DSCConfig(threshold="fixed", tau0=1e-9),
+                       stop_error=1.0, max_steps=4)
 
-    cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-interrupted", **kwargs)
+
+def test_the_picture_moves_to_the_first_batch_the_defence_changed(burnin_dir):
+    cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-late", **LATE_CORRECTION)
+    result = run_online(cfg, progress=False)
+    fractions = result["curve"]["corrected_fraction"]
+    assert fractions[0] == 0.0 and fractions[1] > 0.0
+    assert result["picture"] == {"file": PICTURE_NAME, "step": 1, "corrected": True}
+    pixels = decode(Path(cfg.out) / PICTURE_NAME)
+    layout = run_layout(pixels, 28)
+    correction = np.stack([tile(pixels, layout, "trained on - received", col) for col in range(8)])
+    assert (correction != 128).any()
+
+
+def _interrupted(cfg: OnlineConfig, at: int, monkeypatch) -> None:
+    """Run cfg until it asks for the batch of step ``at``, then stop it as a kill would (KeyboardInterrupt)."""
     batch_at = BatchStream.batch_at
 
-    def interrupt_at_step_2(self, step):
-        if step == 2:
+    def interrupt(self, step):
+        if step == at:
             raise KeyboardInterrupt
         return batch_at(self, step)
 
     with monkeypatch.context() as mp:
-        mp.setattr(BatchStream, "batch_at", interrupt_at_step_2)
+        mp.setattr(BatchStream, "batch_at", interrupt)
         with pytest.raises(KeyboardInterrupt):
             run_online(cfg, progress=False)
-    path = Path(cfg.out) / PICTURE_NAME
-    assert path.read_bytes() == expected  # written at step 0, before the interruption
-    written = path.stat().st_mtime_ns
-    result = run_online(cfg, progress=False)
-    assert result["picture"] == PICTURE_NAME
-    assert path.read_bytes() == expected and path.stat().st_mtime_ns == written  # not rewritten
 
-    # a run killed before its first checkpoint replays step 0: the same picture again
-    fresh = dataclasses.replace(cfg, out=str(burnin_dir.parent / "run-replayed"))
-    with monkeypatch.context() as mp:
-        mp.setattr(BatchStream, "batch_at", interrupt_at_step_2)
-        with pytest.raises(KeyboardInterrupt):
-            run_online(fresh, progress=False)
-    (Path(fresh.out) / "state.pt").unlink()
-    (Path(fresh.out) / PICTURE_NAME).write_bytes(b"stale")
-    run_online(fresh, progress=False)
-    assert (Path(fresh.out) / PICTURE_NAME).read_bytes() == expected
+
+def test_a_resumed_run_writes_the_same_picture(burnin_dir, monkeypatch):
+    reference = online_cfg(burnin_dir, burnin_dir.parent / "run-reference", **LATE_CORRECTION)
+    expected_result = run_online(reference, progress=False)["picture"]
+    expected = (Path(reference.out) / PICTURE_NAME).read_bytes()
+
+    # interrupted after the pictured step (1): resuming does not touch the picture
+    cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-after", **LATE_CORRECTION)
+    _interrupted(cfg, 3, monkeypatch)
+    path = Path(cfg.out) / PICTURE_NAME
+    assert path.read_bytes() == expected
+    written = path.stat().st_mtime_ns
+    assert run_online(cfg, progress=False)["picture"] == expected_result
+    assert path.read_bytes() == expected and path.stat().st_mtime_ns == written
+
+    # interrupted before it: the picture of step 0 until the resumed run reaches step 1
+    cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-before", **LATE_CORRECTION)
+    _interrupted(cfg, 1, monkeypatch)
+    path = Path(cfg.out) / PICTURE_NAME
+    assert path.read_bytes() != expected
+    assert run_online(cfg, progress=False)["picture"] == expected_result
+    assert path.read_bytes() == expected
+
+    # killed before its first checkpoint: every step replays, to the same picture
+    cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-replayed", **LATE_CORRECTION)
+    _interrupted(cfg, 3, monkeypatch)
+    (Path(cfg.out) / "state.pt").unlink()
+    (Path(cfg.out) / PICTURE_NAME).write_bytes(b"stale")
+    assert run_online(cfg, progress=False)["picture"] == expected_result
+    assert (Path(cfg.out) / PICTURE_NAME).read_bytes() == expected
 
 
 def test_a_failing_picture_does_not_stop_the_run(burnin_dir, monkeypatch):
@@ -300,7 +335,7 @@ def test_a_failing_picture_does_not_stop_the_run(burnin_dir, monkeypatch):
     cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-broken", control=True, max_steps=1)
     with pytest.warns(RuntimeWarning, match="the batch picture was not written"):
         result = run_online(cfg, progress=False)
-    assert result["picture"] is None and result["steps_run"] == 1
+    assert result["picture"] == {"file": None, "step": 0, "corrected": False} and result["steps_run"] == 1
 
 
 def test_an_rgb_online_run_pictures_colour_images(single_thread, tmp_path):
@@ -317,7 +352,7 @@ def test_an_rgb_online_run_pictures_colour_images(single_thread, tmp_path):
                        val_size=10, heldout_size=10, stop_error=1.0, device="cpu", out=str(tmp_path / "run"))
     result = run_online(cfg, progress=False)
     pixels = decode(Path(cfg.out) / PICTURE_NAME)
-    assert result["picture"] == PICTURE_NAME
+    assert result["picture"]["file"] == PICTURE_NAME
     layout = run_layout(pixels, 32)
     assert layout["tile"] == [96, 96]
     clean = tile(pixels, layout, "clean", 0).astype(int)
