@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memdisc.config import OptionError
 
@@ -171,6 +172,24 @@ def check_zoo_options(name: str, norm: str = "auto") -> None:
         raise OptionError("norm", f"{name} keeps torchvision's own normalisation layers; expected auto, got {norm!r}")
 
 
+class _Hardswish(nn.Module):
+    """``x * relu6(x + 3) / 6``, nn.Hardswish's function with a second derivative (PyTorch's fused
+    kernel has none, and the accumulative attack differentiates input gradients of weight gradients)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.relu6(x + 3) / 6
+
+
+class _Hardsigmoid(nn.Module):
+    """``relu6(x + 3) / 6``, nn.Hardsigmoid's function with a second derivative (see :class:`_Hardswish`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3) / 6
+
+
+_TWICE_DIFFERENTIABLE = {nn.Hardswish: _Hardswish, nn.Hardsigmoid: _Hardsigmoid}
+
+
 class ZooVictim(nn.Module):
     """A torchvision.models classifier as a memdisc victim (``net``, built with ``weights=None``).
 
@@ -179,9 +198,14 @@ class ZooVictim(nn.Module):
         torchvision's weights expect) -> bilinear resize to ``input_size`` x ``input_size`` if the side
         differs -> ``net`` -> logits [B, num_classes].
     ``input_size``: ``image_size``, raised to the architecture's minimum (or its fixed size, :class:`ZooArch`).
+
+    Every victim must be twice differentiable (the accumulative attack's crafting takes the input
+    gradient of weight gradients), so ``net``'s hard-swish/-sigmoid modules (MobileNetV3) are
+    replaced by the same functions in plain ops, and attention (ViT) runs PyTorch's math kernel:
+    the fused attention kernels have no second derivative.
     """
 
-    def __init__(self, name: str, in_channels: int, num_classes: int, image_size: int):
+    def __init__(self, name: str, num_classes: int, image_size: int):
         super().__init__()
         import torchvision.models
 
@@ -190,12 +214,17 @@ class ZooVictim(nn.Module):
         self.input_size = arch.input_size if arch.fixed else max(image_size, arch.input_size)
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.net = getattr(torchvision.models, name[len("tv-"):])(weights=None, num_classes=num_classes)
+        for parent in list(self.net.modules()):
+            for child_name, child in parent.named_children():
+                if type(child) in _TWICE_DIFFERENTIABLE:
+                    setattr(parent, child_name, _TWICE_DIFFERENTIABLE[type(child)]())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x.expand(-1, 3, -1, -1))
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-        return self.net(x)
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.net(x)
 
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
@@ -243,7 +272,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
             if value is not None:
                 raise ValueError(f"{arg}: {name} normalises with ImageNet's statistics (its weights expect them); "
                                  f"expected none, got {list(value)}")
-        return ZooVictim(name, in_channels, num_classes, image_size)
+        return ZooVictim(name, num_classes, image_size)
     for arg, value in (("mean", mean), ("std", std)):
         if value is not None and len(value) != in_channels:
             raise ValueError(f"{arg}: expected {in_channels} values (one per input channel), got {len(value)}")

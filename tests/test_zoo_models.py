@@ -23,18 +23,26 @@ def _pixels(shape, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("channels, classes, size", [(1, 10, 28), (3, 100, 32)], ids=["fashion-mnist", "cifar100"])
 @pytest.mark.parametrize("name", list(ZOO))
-def test_builds_and_runs_on_small_images(name, channels, classes, size):
+def test_builds_runs_and_is_twice_differentiable(name, channels, classes, size):
+    """Logits of the right shape, and d/dx of a function of the stem's weight gradient (what the
+    accumulative attack's crafting takes: it goes back through every layer's backward)."""
     torch.manual_seed(0)
     model = build_model(name, channels, classes, size)
     assert isinstance(model, ZooVictim) and model.name == name
     head = classifier_head(model)
     assert isinstance(head, nn.Linear) and head.out_features == classes
     assert model.input_size == (224 if name == "tv-vit_b_16" else 32)  # raised to what the network takes
-    if name == "tv-vit_b_16" and channels == 3:
-        return  # one ViT-B/16 forward (batch 1, 224x224 after the resize) is enough for a CPU test
-    batch = 1 if name == "tv-vit_b_16" else 2
-    out = model.train(name != "tv-vit_b_16")(_pixels((batch, channels, size, size)))
-    assert out.shape == (batch, classes) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    vit = name == "tv-vit_b_16"
+    if vit and channels == 3:
+        return  # one ViT-B/16 pass (batch 1, 224x224 after the resize) is enough for a CPU test
+    nn.init.normal_(head.weight, std=0.1)  # torchvision zero-initialises ViT's head: no gradient would pass it
+    x = _pixels((1 if vit else 2, channels, size, size)).requires_grad_(True)
+    out = model.train(not vit)(x)
+    assert out.shape == (x.shape[0], classes) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(out, torch.arange(x.shape[0])),
+                                  next(model.net.parameters()), create_graph=True)
+    (grad_x,) = torch.autograd.grad(grad.square().sum(), x)
+    assert torch.isfinite(grad_x).all() and (grad_x.flatten(1).abs().sum(1) > 0).all()
 
 
 def test_input_adapter_is_repeat_normalise_resize():
