@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import out_dir_arg, peak_memory_mb, provenance, time_interleaved, write_csv_atomic  # noqa: E402
 
 import memdisc.ops as ops  # noqa: E402
+from memdisc.ops.library import kernel_isa  # noqa: E402
 from memdisc.ops.reference import discrepancy_reference, pgd_step_reference  # noqa: E402
 
 PAPER_DISC = [(1, 100, 10)]
@@ -172,9 +173,9 @@ ONEDNN_CAP = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}
 
 def runnable_isas() -> List[str]:
     """The CPU kernel variants this process's CPU runs (capped by MEMDISC_CPU_ISA if set)."""
-    if not (ops.extension_loaded() and hasattr(torch.ops.memdisc, "cpu_isa")):
+    if not ops.extension_loaded():
         raise SystemExit("--isa needs the compiled extension (memdisc._C)")
-    best = torch.ops.memdisc.cpu_isa()
+    best = kernel_isa()
     return ISAS[:ISAS.index(best) + 1]
 
 

@@ -128,7 +128,7 @@ def cpu_instruction_sets() -> dict[str, str]:
     kernels (capped by ATEN_CPU_CAPABILITY); ``onednn``: the cap on oneDNN's convolutions and
     matmuls (ONEDNN_MAX_CPU_ISA, "unrestricted" when unset: the best the CPU has).
     """
-    from memdisc.ops import extension_loaded
+    from memdisc.ops.library import kernel_isa
 
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -136,7 +136,7 @@ def cpu_instruction_sets() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": model, "memdisc": torch.ops.memdisc.cpu_isa() if extension_loaded() else "reference",
+    return {"cpu": model, "memdisc": kernel_isa(),
             "aten": torch.backends.cpu.get_cpu_capability(),
             "onednn": os.environ.get("ONEDNN_MAX_CPU_ISA", "unrestricted")}
 

@@ -243,20 +243,61 @@ def test_pgd_step_other_dtypes(device, dtype):
     assert torch.equal(got[~active], x[~active])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("K,B,C", [(3, 100, 10), (1, 7, 1), (0, 5, 10), (2, 41, 33), (4, 64, 1000), (2, 9, 1001),
+                                   (2, 3, 5000), (1, 3, 4099)])
+def test_cuda_kernels_within_twice_eager_error(K, B, C):
+    """Every team size of the CUDA forward, its vector and scalar paths, every dtype, both directions,
+    two temperatures, +-1e4 logits on one row: values and gradients within flash-attention's rule
+    (twice the eager error in the same dtype against float64, plus a first-order rounding bound)."""
+    from memdisc.ops.reference import discrepancy_backward_reference
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for reverse in (False, True):
+            for T, huge in [(1.0, False), (2.5, False), (1.0, True), (2.5, True)]:
+                cur = (torch.randn(B, C, device="cuda") * 4).to(dtype)
+                snap = (torch.randn(K, B, C, device="cuda") * 4).to(dtype)
+                if huge and B > 2:
+                    cur[1] = cur[1] + 1e4
+                    if K:
+                        snap[:, 1] = snap[:, 1] - 1e4
+                m = max(cur.abs().max().item(), snap.abs().max().item() if snap.numel() else 0.0) / T
+                eps = 2.0 ** -52 if dtype == torch.float64 else 2.0 ** -23
+                grad = torch.rand(K, B, device="cuda", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                ref = discrepancy_reference(cur.double(), snap.double(), T, reverse)
+                eager = discrepancy_reference(cur, snap, T, reverse)
+                out = torch.ops.memdisc.discrepancy(cur, snap, T, reverse)
+                gref = discrepancy_backward_reference(grad.double(), cur.double(), snap.double(), ref[1], ref[2], ref[0],
+                                                      T, reverse)
+                geager = discrepancy_backward_reference(grad, cur, snap, eager[1], eager[2], eager[0], T, reverse)
+                gout = torch.ops.memdisc.discrepancy_backward(grad, cur, snap, out[1], out[2], out[0], T, reverse)
+                for what, o, e, r in [("kl", out[0], eager[0], ref[0]), ("lse_cur", out[1], eager[1], ref[1]),
+                                      ("lse_snap", out[2], eager[2], ref[2]), ("grad_cur", gout[0], geager[0], gref[0]),
+                                      ("grad_snap", gout[1], geager[1], gref[1])]:
+                    err = (o.double() - r).abs().max().item() if o.numel() else 0.0
+                    eager_err = (e.double() - r).abs().max().item() if e.numel() else 0.0
+                    rmax = r.abs().max().item() if r.numel() else 0.0
+                    assert err <= 2 * eager_err + 16 * eps * (1 + rmax) * (1 + m), \
+                        f"{what} {dtype} reverse={reverse} T={T} huge={huge}: err {err:.3g}"
+
+
 # ----------------------------------------------------------------------------- autograd / opcheck / compile
 
-def test_gradcheck_float64_both_inputs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64_both_inputs(device):
     for reverse in (False, True):
-        a = _logits((5, 7), "cpu", torch.float64).requires_grad_()
-        b = _logits((3, 5, 7), "cpu", torch.float64, seed=1).requires_grad_()
+        a = _logits((5, 7), device, torch.float64).requires_grad_()
+        b = _logits((3, 5, 7), device, torch.float64, seed=1).requires_grad_()
         assert torch.autograd.gradcheck(lambda a, b: ops.discrepancy(a, b, 0.8, reverse), (a, b))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gradgradcheck_float64_both_inputs(reverse):
+def test_gradgradcheck_float64_both_inputs(device, reverse):
     """create_graph=True: the backward is differentiable (the compiled kernels' backward is not)."""
-    a = _logits((4, 6), "cpu", torch.float64).requires_grad_()
-    b = _logits((3, 4, 6), "cpu", torch.float64, seed=1).requires_grad_()
+    a = _logits((4, 6), device, torch.float64).requires_grad_()
+    b = _logits((3, 4, 6), device, torch.float64, seed=1).requires_grad_()
     assert torch.autograd.gradgradcheck(lambda a, b: ops.discrepancy(a, b, 0.8, reverse), (a, b))
 
 
@@ -268,29 +309,31 @@ def test_backward_without_create_graph_uses_the_fused_op():
     assert "memdisc::discrepancy_backward" in {e.name for e in prof.events()}
 
 
-def test_opcheck_every_op_cpu():
-    a, b = _logits((6, 9), "cpu"), _logits((2, 6, 9), "cpu", seed=1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    a, b = _logits((6, 9), device), _logits((2, 6, 9), device, seed=1)
     ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
     torch.library.opcheck(torch.ops.memdisc.discrepancy.default, (ar, br, 0.7, False))
     torch.library.opcheck(torch.ops.memdisc.discrepancy.default, (ar, br, 1.0, True))
     kl, lse_a, lse_b = torch.ops.memdisc.discrepancy.default(a, b, 0.7, False)
     torch.library.opcheck(torch.ops.memdisc.discrepancy_backward.default,
-                          (torch.rand(2, 6), a, b, lse_a, lse_b, kl, 0.7, False))
-    x, grad, x0 = _pgd_inputs("cpu", shape=(6, 5))
+                          (torch.rand(2, 6, device=device), a, b, lse_a, lse_b, kl, 0.7, False))
+    x, grad, x0 = _pgd_inputs(device, shape=(6, 5))
     torch.library.opcheck(torch.ops.memdisc.pgd_step_.default, (x, grad, x0, None, 0.02, 0.2, 0.0, 1.0, True))
     torch.library.opcheck(torch.ops.memdisc.pgd_step_.default,
-                          (x, grad, x0, torch.tensor([True, False] * 3), 0.02, 0.2, 0.0, 1.0, False))
+                          (x, grad, x0, torch.tensor([True, False] * 3, device=device), 0.02, 0.2, 0.0, 1.0, False))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
     def dsc_step(x, grad, x0, current, snapshots, active):
         kl = ops.discrepancy(current, snapshots, 1.5)
         ops.pgd_step_(x, grad, x0, step=0.02, eps=0.2, active=active)
         return kl.mean(0), x
 
-    x, grad, x0 = _pgd_inputs("cpu", shape=(8, 3, 4, 4))
-    current, snapshots = _logits((8, 10), "cpu"), _logits((2, 8, 10), "cpu", seed=1)
-    active = torch.arange(8) % 3 != 0
+    x, grad, x0 = _pgd_inputs(device, shape=(8, 3, 4, 4))
+    current, snapshots = _logits((8, 10), device), _logits((2, 8, 10), device, seed=1)
+    active = torch.arange(8, device=device) % 3 != 0
     x_eager, x_comp = x.clone(), x.clone()
     want = dsc_step(x_eager, grad, x0, current, snapshots, active)
     got = torch.compile(dsc_step, fullgraph=True)(x_comp, grad, x0, current, snapshots, active)
@@ -492,7 +535,8 @@ def test_cpu_isa_variants_agree():
         kl = ops.discrepancy(ar, br, 0.9, False) + ops.discrepancy(ar, br, 0.9, True)
         kl.sum().backward()
         x = torch.rand(45, 37); ops.pgd_step_(x, a, x.clone() * 0.9, step=0.05, eps=0.03)
-        torch.save({"isa": torch.ops.memdisc.cpu_isa(), "kl": kl.detach(), "ga": ar.grad, "gb": br.grad, "x": x},
+        from memdisc.ops.library import kernel_isa
+        torch.save({"isa": kernel_isa(), "kl": kl.detach(), "ga": ar.grad, "gb": br.grad, "x": x},
                    %r)
     """
     results = []

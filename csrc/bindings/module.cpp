@@ -1,14 +1,18 @@
-// The Python module memdisc._C: importing it runs the TORCH_LIBRARY_IMPL
-// registrations of the kernels.  It also defines memdisc::build_info, the
-// trivial op that proves the extension path end to end and says what the
-// extension was compiled with: "torch=<version>;cxx=<__cplusplus>;cuda=0", or
-// with CUDA "...;cuda=1;cuda_cxx=<nvcc's __cplusplus>;cudart=<CUDART_VERSION>;
-// cuda_arch=<compute capabilities, e.g. 800,900>".
-#include <Python.h>
-#include <torch/library.h>
+// The Python module memdisc._C.  Loading it runs the TORCH_LIBRARY_IMPL
+// registrations of the kernels (the op schemas live in memdisc/ops/library.py);
+// its two Python functions, bound with pybind11 as torch extensions do, say what
+// was built:
+//   build_info(): "torch=<version>;cxx=<__cplusplus>;cuda=0", or with CUDA
+//     "...;cuda=1;cuda_cxx=<nvcc's __cplusplus>;cudart=<CUDART_VERSION>;
+//     cuda_arch=<compute capabilities, e.g. 800,900>";
+//   cpu_isa(): the instruction set the CPU kernels run with ("avx512", "avx2" or
+//     "default"), picked once per process and capped by MEMDISC_CPU_ISA.
+#include <pybind11/pybind11.h>
 #include <torch/version.h>
 
 #include <string>
+
+#include "kernels/simd_cpu.h"
 
 #ifdef MEMDISC_WITH_CUDA
 namespace memdisc {
@@ -17,6 +21,7 @@ std::string cuda_build_info();  // kernels/build_info.cu
 #endif
 
 namespace {
+
 std::string build_info() {
   std::string info = "torch=" TORCH_VERSION ";cxx=" + std::to_string(__cplusplus);
 #ifdef MEMDISC_WITH_CUDA
@@ -26,13 +31,13 @@ std::string build_info() {
 #endif
   return info;
 }
+
+std::string cpu_isa() { return memdisc::cpu::isa_name(memdisc::cpu::cpu_isa()); }
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(memdisc, m) { m.def("build_info() -> str", &build_info); }
-
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "memdisc compiled kernels", -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "memdisc compiled kernels (registered with torch.ops.memdisc on import)";
+  m.def("build_info", &build_info, "What the extension was compiled with (see csrc/bindings/module.cpp)");
+  m.def("cpu_isa", &cpu_isa, "The instruction set of the CPU kernels: avx512, avx2 or default");
 }

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -98,12 +97,7 @@ void pgd_step_cpu(at::Tensor& x, const at::Tensor& grad_in, const at::Tensor& x0
   if (!work.is_same(x)) x.copy_(work);
 }
 
-// The instruction set the CPU kernels run with ("avx512", "avx2" or "default").
-std::string cpu_isa() { return cpu::isa_name(cpu::cpu_isa()); }
-
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(memdisc, m) { m.def("cpu_isa() -> str", &cpu_isa); }
 
 TORCH_LIBRARY_IMPL(memdisc, CPU, m) {
   m.impl("discrepancy", &discrepancy_cpu);

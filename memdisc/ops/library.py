@@ -159,6 +159,15 @@ def extension_error():
 KERNEL_OPS = ("discrepancy", "discrepancy_backward", "pgd_step_")
 
 
+def kernel_isa() -> str:
+    """The instruction set memdisc's CPU kernels run with in this process: "avx512", "avx2" or
+    "default" (capped by MEMDISC_CPU_ISA), or "reference" when the extension is not loaded."""
+    if not _STATE["loaded"]:
+        return "reference"
+    import memdisc._C
+    return memdisc._C.cpu_isa()
+
+
 def extension_report() -> dict:
     """What the loaded build is: ``built_against`` (setup.py's record: torch, CUDA version, CUDA
     toolkit directory, architectures), ``compiled_with`` (the extension's own ``build_info`` parsed:
@@ -169,7 +178,8 @@ def extension_report() -> dict:
         return {}
     info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
     built = json.loads(info_path.read_text()) if info_path.exists() else None
-    compiled = dict(item.split("=", 1) for item in torch.ops.memdisc.build_info().split(";"))
+    import memdisc._C
+    compiled = dict(item.split("=", 1) for item in memdisc._C.build_info().split(";"))
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     kernels = {op: [key for key in ("CPU", "CUDA") if has(f"memdisc::{op}", key)] for op in KERNEL_OPS}
     return {"built_against": built, "compiled_with": compiled, "kernels": kernels}
