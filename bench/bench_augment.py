@@ -49,7 +49,7 @@ class Config:
     threads: int = 1
     rounds: int = 3
     min_run_time: float = 0.2
-    batches: int = 40  # distribution check: batches per provider and shape
+    batches: int = 200  # distribution check: batches per provider and shape
     seed: int = 0
 
 
