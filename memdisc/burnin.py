@@ -104,6 +104,16 @@ def _resume_config_matches(path: Path, saved: dict, current: dict) -> None:
                          "the directory")
 
 
+def check_model_weights(cfg: BurninConfig) -> None:
+    """Refuse a ``model_weights`` file that does not fit ``cfg.model`` before anything is written.
+
+    The file is loaded into a throwaway network: a ``tv-*`` victim's parameters do not depend on the
+    dataset's channels or image size, and a head of another class count is allowed
+    (:func:`memdisc.models.load_weights`).  Raises ValueError naming the file."""
+    if cfg.model_weights is not None:
+        load_weights(build_model(cfg.model, in_channels=3, num_classes=10, image_size=32), cfg.model_weights)
+
+
 def snapshot_path(out: str | Path, epoch: int) -> Path:
     return Path(out) / "snapshots" / f"epoch_{epoch:03d}.pt"
 

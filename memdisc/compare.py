@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from memdisc.artifacts import atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
-from memdisc.burnin import BurninConfig, run_burnin
+from memdisc.burnin import BurninConfig, check_model_weights, run_burnin
 from memdisc.config import (OptionError, build, check_choice, check_int, check_seed, comparable, field, merge,
                             option_name, parse_int_list, read_toml, section, to_dict)
 from memdisc.data import DATASETS, check_dataset_files
@@ -269,12 +269,13 @@ def _check_out_dir(cfg: CompareConfig) -> None:
 
 def _check_start(cfg: CompareConfig, seeds: list[CompareConfig]) -> torch.device:
     """What a comparison checks before any work or write: the device, each seed's run directory
-    (:func:`_check_out_dir`) and the data files.  Then it removes the temporary files that killed
+    (:func:`_check_out_dir`), the data files and a burn-in weights file.  Then it removes the temporary files that killed
     writes left in its own directories.  Returns the device."""
     device = check_device(cfg.online, "online.")
     for sub in seeds:
         _check_out_dir(sub)
     check_dataset_files(cfg.dataset, cfg.data_dir)
+    check_model_weights(seeds[0].burnin)
     remove_stale_temp_files(*dict.fromkeys([cfg.out, *(sub.out for sub in seeds)]))
     return device
 

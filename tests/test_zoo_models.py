@@ -133,3 +133,15 @@ def test_burnin_from_the_command_line_with_weights(tmp_path, tiny_fashion_mnist,
     assert main(["burnin", "--model", "tv-resnet18", "--norm", "gn"]) == 2
     assert "norm (--norm): tv-resnet18 keeps torchvision's own normalisation layers; expected auto, got 'gn'" \
         in capsys.readouterr().err
+
+
+def test_compare_refuses_a_weights_file_of_another_network_before_writing(tmp_path, tiny_fashion_mnist, capsys):
+    """``memdisc compare --model tv-resnet18 --burnin-model-weights FILE`` with a resnet34 file: one line naming
+    the file, and nothing written (the check runs before compare's config.json)."""
+    other, _ = _save_torchvision(tmp_path, "resnet34")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", "tv-resnet18", "--burnin-model-weights", str(other), "--data-dir",
+                 str(tiny_fashion_mnist), "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{other}: not a state_dict of tv-resnet18" in err
+    assert not out.exists()
