@@ -127,9 +127,10 @@ def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = 
         attack = AccumulativeAttack(cfg, x, y, x[:n_val].flip(0).contiguous(), y[:n_val].flip(0).contiguous(), seed=0)
         attack.prepare(m)
         x_trig, y_trig = attack.trigger_batch(m)
+        eps, steps, step_size = cfg.poison_schedule()
         return {"reference": lambda: ref.seed_craft_accumulative(
-                    model, x, y, x_trig, y_trig, attack.x_val, attack.y_val, eps=cfg.eps, steps=cfg.steps,
-                    step_size=cfg.step_size, gamma=cfg.gamma),
+                    model, x, y, x_trig, y_trig, attack.x_val, attack.y_val, eps=eps, steps=steps,
+                    step_size=step_size, gamma=cfg.gamma),
                 "memdisc": lambda: attack.poison(m, x, y, 0)}
     raise ValueError(f"method: unknown {method!r}")
 
