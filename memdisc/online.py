@@ -32,64 +32,18 @@ from tqdm.auto import tqdm
 
 from memdisc.artifacts import (atomic_torch_save, load_snapshot, load_torch_file, model_from_snapshot, provenance,
                                read_json, remove_stale_temp_files, write_json)
-from memdisc.attacks import AccumulativeAttack, AttackConfig
+from memdisc.attacks import AttackConfig, PoisonedBatch, build_attack
 from memdisc.burnin import resolve_device, snapshot_path
 from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
                             option_name, parse_int_list, section, to_dict)
 from memdisc.data import BatchStream, load_dataset, mirror_ok
-from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, Precision, SeedAT,
-                               ThresholdSchedule)
+from memdisc.defenses import DEFENSES, BaselineConfig, DefenseContext, DSCConfig, build_defense
+from memdisc.detectors import MDDetector
 from memdisc.evaluate import error_rate
 from memdisc.metrics import detection_summary
 from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
-from memdisc.snapshots import SnapshotSet, discrepancy_scores
-
-
-@dataclasses.dataclass
-class DSCConfig:
-    threshold: str = field("calibrated", "threshold schedule: calibrated, seed (0.5 + 0.02 s) or fixed")
-    tau0: float = field(0.5, "seed/fixed schedule: tau at step 0")
-    slope: float = field(0.02, "seed schedule: tau increase per online step")
-    quantile: float = field(0.95, "calibrated schedule: quantile of clean held-out discrepancy")
-    recalibrate_every: int = field(1, "calibrated schedule: re-measure every N online steps")
-    iters: int = field(10, "maximum correction steps per batch")
-    step_size: float = field(0.02, "correction step size")
-    eps: float = field(0.2, "L-inf radius of the correction around the received batch")
-    reduce: str = field("mean", "reduction over K snapshots: mean, max or min")
-
-    def __post_init__(self):
-        """A known threshold kind and reduction; finite tau0 and slope; 0 < quantile < 1; counts >= 1
-        (iters >= 0); step size > 0; eps in [0, 1] (pixels are in [0, 1])."""
-        check_choice("threshold", self.threshold, ("calibrated", "seed", "fixed"))
-        check_number("tau0", self.tau0)
-        check_number("slope", self.slope)
-        check_number("quantile", self.quantile, 0.0, 1.0, strict=True)
-        check_int("recalibrate_every", self.recalibrate_every)
-        check_int("iters", self.iters, 0)
-        check_number("step_size", self.step_size, 0.0, strict=True)
-        check_number("eps", self.eps, 0.0, 1.0)
-        check_choice("reduce", self.reduce, ("mean", "max", "min"))
-
-
-@dataclasses.dataclass
-class BaselineConfig:
-    gc_norm: str = field("inf", "GC: gradient norm, inf or 2")
-    gc_bound: float = field(0.01, "GC: gradient norm bound")
-    at_iters: int = field(10, "AT: PGD steps")
-    at_step_size: float = field(0.02, "AT: step size")
-    at_eps: float = field(0.2, "AT: L-inf radius")
-    at_kl_weight: float | None = field(None, "AT-seed: weight of the KL-to-natural-output term (none: 1/C, "
-                                             "as the seed's nn.KLDivLoss mean)")
-
-    def __post_init__(self):
-        """GC norm inf or 2 and bound > 0; AT steps >= 0, step size > 0, eps in [0, 1], KL weight >= 0."""
-        check_choice("gc_norm", self.gc_norm, ("inf", "2"))
-        check_number("gc_bound", self.gc_bound, 0.0, strict=True)
-        check_int("at_iters", self.at_iters, 0)
-        check_number("at_step_size", self.at_step_size, 0.0, strict=True)
-        check_number("at_eps", self.at_eps, 0.0, 1.0)
-        if self.at_kl_weight is not None:
-            check_number("at_kl_weight", self.at_kl_weight, 0.0)
+from memdisc.runtime import Precision
+from memdisc.snapshots import SnapshotSet
 
 
 @dataclasses.dataclass
@@ -176,23 +130,6 @@ def precision_of(cfg: OnlineConfig) -> Precision:
                      cfg.autocast, cfg.cuda_graph)
 
 
-def build_defense(cfg: OnlineConfig, snapshots: SnapshotSet, heldout) -> Defense:
-    """The defence named by ``cfg.defense``."""
-    b, d = cfg.baselines, cfg.dsc
-    precision = precision_of(cfg)
-    if cfg.defense == "ST":
-        return Defense()
-    if cfg.defense == "GC":
-        return GradientClipping(b.gc_norm, b.gc_bound)
-    if cfg.defense == "AT-seed":
-        return SeedAT(b.at_iters, b.at_step_size, b.at_eps, b.at_kl_weight, precision)
-    if cfg.defense == "AT-madry":
-        return MadryAT(b.at_iters, b.at_step_size, b.at_eps, precision)
-    schedule = ThresholdSchedule(d.threshold, d.tau0, d.slope, d.quantile, d.recalibrate_every)
-    return DSC(snapshots, mode=cfg.defense.split("-")[1], schedule=schedule, iters=d.iters, step_size=d.step_size,
-               eps=d.eps, reduce=d.reduce, heldout=heldout, seed=cfg.seed, precision=precision)
-
-
 class OnlineRun:
     """Everything one online run needs, set up from a config (see module docstring)."""
 
@@ -219,7 +156,10 @@ class OnlineRun:
         history = [model_from_snapshot(self._load_burnin_snapshot(e), dev)
                    for e in parse_int_list("history_epochs", cfg.history_epochs)]
         self.snapshots = SnapshotSet(history, tuple(parse_int_list("ring_lags", cfg.ring_lags))).to(dev)
-        self.defense = build_defense(cfg, self.snapshots, self.heldout)
+        # the poison score of every run (evaluation only: never shown to the defence)
+        self.detector = MDDetector(self.snapshots, cfg.dsc.reduce)
+        self.defense = build_defense(cfg.defense, DefenseContext(self.snapshots, self.heldout, cfg.seed,
+                                                                 precision_of(cfg)), cfg.dsc, cfg.baselines)
         # Memory formats fixed before any step (exact resume), the same for every defence and the control.
         precision_of(cfg).prepare(self.heldout[0][:1], self.model)
         self.defense.prepare(self.model, self.heldout[0][:1])
@@ -228,7 +168,7 @@ class OnlineRun:
         self.attack = None
         if not cfg.control:
             x_val, y_val = (t.to(dev) for t in test.batch(val_idx))
-            self.attack = AccumulativeAttack(cfg.attack, *self.trigger_clean, x_val, y_val, seed=cfg.seed)
+            self.attack = build_attack("accumulative", *self.trigger_clean, x_val, y_val, cfg.seed, cfg.attack)
         self.stop_error = cfg.stop_error if cfg.stop_error is not None else self.burnin_error + cfg.stop_rise
 
     def _load_burnin_snapshot(self, epoch: int | None) -> dict:
@@ -238,10 +178,6 @@ class OnlineRun:
             raise FileNotFoundError(f"burnin: no snapshot {path}; run `memdisc burnin` (with a snapshot at that "
                                     f"epoch) or pass --burnin DIR / --history-epochs")
         return load_snapshot(path)
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample MD ``[B]`` of the current model on x, reduced over the snapshots."""
-        return discrepancy_scores(self.model, self.snapshots, x, self.cfg.dsc.reduce)
 
 
 @dataclasses.dataclass
@@ -334,15 +270,16 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     x, y = x.to(run.device), y.to(run.device)
     t0 = _clock(run.device)
     if attack is not None:
-        x_in, poisoned = attack.poison(model, x, y, progress.step)
+        received = attack.poison(model, x, y, progress.step)
     else:
-        x_in, poisoned = x, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        received = PoisonedBatch(x, y, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+    x_in, poisoned = received.x, received.poisoned
     t1 = _clock(run.device)
     run.snapshots.observe(model)
-    md_in, md_clean = run.scores(x_in), run.scores(x)  # evaluation only: never shown to the defence
+    md_in, md_clean = run.detector.score(model, x_in, received.y), run.detector.score(model, x, y)
     t2 = _clock(run.device)
-    x_train, report = run.defense.correct(model, x_in, y, progress.step)
-    run.defense.train_on(model, run.optimizer, x_train, y)
+    x_train, report = run.defense.correct(model, x_in, received.y, progress.step)
+    run.defense.train_on(model, run.optimizer, x_train, received.y)
     t3 = _clock(run.device)
     err = error_rate(model, *run.eval_step)
     timing["attack"] += t1 - t0
@@ -423,7 +360,7 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     t0 = _clock(run.device)
     x_t, y_t = run.attack.trigger_batch(model) if run.attack is not None else run.trigger_clean
     run.snapshots.observe(model)  # as in every step: the ring first, then the score
-    trigger_md = float(run.scores(x_t).mean())
+    trigger_md = float(run.detector.score(model, x_t, y_t).mean())
     run.defense.train_step(model, opt, x_t, y_t, rec.step)
     trigger_seconds = _clock(run.device) - t0
     error_after = error_rate(model, *run.eval_all)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from memdisc.evaluate import eval_mode
 from memdisc.ops import discrepancy
 
 
@@ -144,27 +143,3 @@ class SnapshotSet:
             raise ValueError(f"snapshots: the snapshots have {snap.shape[-1]} classes but the current model has "
                              f"{current_logits.shape[-1]}")
         return discrepancy(current_logits, snap.to(current_logits.dtype), temperature)
-
-
-@torch.no_grad()
-def discrepancy_scores(model: nn.Module, snapshots: SnapshotSet, x: torch.Tensor, reduce: str | int = "mean",
-                       temperature: float = 1.0) -> torch.Tensor:
-    """Per-sample poison score ``[B]``: the MD of ``model`` (in eval mode, restored after)
-    against the snapshots on x, reduced over the K snapshots."""
-    with eval_mode(model):
-        return reduce_over_snapshots(snapshots.discrepancy(model(x), x, temperature), reduce)
-
-
-def reduce_over_snapshots(md: torch.Tensor, how: str | int = "mean") -> torch.Tensor:
-    """Reduce ``[K, B]`` discrepancies to ``[B]``: "mean", "max", "min" or a slot index."""
-    if isinstance(how, int) and not isinstance(how, bool):  # True would index as a new axis
-        if not -md.shape[0] <= how < md.shape[0]:
-            raise ValueError(f"reduce: snapshot index {how} out of range for K={md.shape[0]}")
-        return md[how]
-    if how == "mean":
-        return md.mean(0)
-    if how == "max":
-        return md.amax(0)
-    if how == "min":
-        return md.amin(0)
-    raise ValueError(f"reduce: expected 'mean', 'max', 'min' or an int, got {how!r}")

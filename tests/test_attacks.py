@@ -13,7 +13,7 @@ from torch import nn
 
 from memdisc.attacks import (AccumulativeAttack, AttackConfig, accumulative_direction, craft_alignment,
                              crafting_state, gradient_alignment)
-from memdisc.reference import seed_craft_accumulative, seed_craft_trigger
+from memdisc.oracle import seed_craft_accumulative, seed_craft_trigger
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -179,7 +179,8 @@ def test_accumulative_crafting_raises_H(kind, terms):
     attack.prepare(model)
     xtp, _ = attack.trigger_batch(model)
     direction = accumulative_direction(model, x, y, xtp, yt, xv, yv, terms=terms)
-    xp, poisoned = attack.poison(model, x, y, step=0)
+    received = attack.poison(model, x, y, step=0)
+    xp, poisoned = received.x, received.poisoned
     assert poisoned.all()
     assert objective(model, xp, y, direction) > objective(model, x, y, direction) + 1e-3
 
@@ -229,7 +230,7 @@ def test_perturbations_respect_eps_and_box(device):
     attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=0)
     attack.prepare(model)
     xtp, _ = attack.trigger_batch(model)
-    xp, _ = attack.poison(model, x, y, step=4)
+    xp = attack.poison(model, x, y, step=4).x
     for crafted, clean, eps in ((xtp, xt, 0.05), (xp, x, 0.1)):
         assert crafted.device == clean.device and crafted.dtype == clean.dtype
         assert (crafted - clean).abs().max().item() <= eps + 1e-6
@@ -245,7 +246,8 @@ def test_poison_scale_leaves_exactly_the_clean_rows_bit_identical(scale, batch, 
     x, y, xt, yt, xv, yv = make_data(batch=batch)
     attack = AccumulativeAttack(AttackConfig(poison_scale=scale), xt, yt, xv, yv, seed=7)
     attack.prepare(model)
-    xp, poisoned = attack.poison(model, x, y, step=3)
+    received = attack.poison(model, x, y, step=3)
+    xp, poisoned = received.x, received.poisoned
     assert poisoned.dtype == torch.bool and poisoned.shape == (batch,)
     assert int((~poisoned).sum()) == n_clean
     assert torch.equal(xp[~poisoned], x[~poisoned])
@@ -281,16 +283,16 @@ def test_same_seed_same_result_and_state_dict_resumes_exactly():
         attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=11)
         attack.prepare(model)
         runs.append((attack.poison(model, x, y, 5), attack.trigger_batch(model)[0], attack.state_dict()))
-    (a0, m0), t0, state = runs[0]
-    (a1, m1), t1, _ = runs[1]
-    assert torch.equal(a0, a1) and torch.equal(m0, m1) and torch.equal(t0, t1)
+    (a0, t0, state), (a1, t1, _) = runs
+    assert torch.equal(a0.x, a1.x) and torch.equal(a0.y, a1.y) and torch.equal(a0.poisoned, a1.poisoned)
+    assert torch.equal(t0, t1)
 
     model = make_model("cnn")
     resumed = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=11)
     resumed.load_state_dict(state)  # no prepare(): the trigger comes from the state
     assert torch.equal(resumed.trigger_batch(model)[0], t0)
-    xr, mr = resumed.poison(model, x, y, 5)
-    assert torch.equal(xr, a0) and torch.equal(mr, m0)
+    received = resumed.poison(model, x, y, 5)
+    assert torch.equal(received.x, a0.x) and torch.equal(received.poisoned, a0.poisoned)
     with pytest.raises(ValueError, match="^state: its seed"):
         AccumulativeAttack(cfg, xt, yt, xv, yv, seed=12).load_state_dict(state)
     with pytest.raises(ValueError, match="^state: its config"):
@@ -356,7 +358,8 @@ def test_fast_path_equals_seed_port(device, kind, terms, scale):
     ref_t = seed_craft_trigger(model, xt, yt, xv, yv, eps=eps, steps=steps, step_size=step_size,
                                poison_mask=attack.trigger_poisoned_mask)
     assert_signed_steps_close(xtp, ref_t, eps=eps, steps=steps, step_size=step_size)
-    xp, poisoned = attack.poison(model, x, y, 0)
+    received = attack.poison(model, x, y, 0)
+    xp, poisoned = received.x, received.poisoned
     eps, steps, step_size = cfg.poison_schedule()
     ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=eps, steps=steps, step_size=step_size,
                                   gamma=cfg.gamma, terms=terms, poison_mask=poisoned)
@@ -375,7 +378,8 @@ def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
     ref_t = torch.where(keep_t, seed_craft_trigger(model, xt, yt, xv, yv, eps=eps, steps=steps, step_size=step_size),
                         xt)
     assert_signed_steps_close(xtp, ref_t, eps=eps, steps=steps, step_size=step_size)
-    xp, poisoned = attack.poison(model, x, y, 2)
+    received = attack.poison(model, x, y, 2)
+    xp, poisoned = received.x, received.poisoned
     assert torch.equal(xp[~poisoned], x[~poisoned])
     eps, steps, step_size = cfg.poison_schedule()
     ref = seed_craft_accumulative(model, x, y, xtp, yt, xv, yv, eps=eps, steps=steps, step_size=step_size,
@@ -384,4 +388,4 @@ def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
                               step_size=step_size)
     held = AccumulativeAttack(dataclasses.replace(cfg, reset_clean_rows=False), xt, yt, xv, yv, seed=3)
     held.prepare(model)
-    assert not torch.equal(held.poison(model, x, y, 2)[0], xp)  # C = 2: the two orders differ
+    assert not torch.equal(held.poison(model, x, y, 2).x, xp)  # C = 2: the two orders differ

@@ -16,7 +16,8 @@ import memdisc.compare as compare_module
 from memdisc.burnin import BurninConfig
 from memdisc.compare import PRESETS, load_compare_config, run_compare, spread, summarize_seeds, summary_markdown
 from memdisc.config import to_dict
-from memdisc.online import DSCConfig, OnlineConfig
+from memdisc.defenses import DSCConfig
+from memdisc.online import OnlineConfig
 
 SEED_CIFAR10 = PRESETS["seed-cifar10"]
 

@@ -1,4 +1,4 @@
-"""memdisc.defenses: the contract of every defence, and DSC against the seed port (memdisc.reference.seed).
+"""memdisc.defenses: the contract of every defence, and DSC against the seed port (memdisc.oracle.seed).
 
 Models: small MLPs on 1x8x8 inputs with eval-mode BatchNorm statistics that differ from the batch's,
 so running a correction in train mode instead of eval mode would show.  For the DSC parity the
@@ -20,8 +20,8 @@ from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT,
 from memdisc.models import build_model
 from memdisc.online import OnlineConfig
 from memdisc.ops import discrepancy
-from memdisc.reference import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
-                               seed_sample_md, seed_train_step)
+from memdisc.oracle import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
+                            seed_sample_md, seed_train_step)
 from memdisc.snapshots import SnapshotSet
 
 B = 16

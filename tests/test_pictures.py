@@ -21,7 +21,8 @@ from formats import write_pickle
 from memdisc.attacks import AccumulativeAttack, AttackConfig
 from memdisc.burnin import BurninConfig, run_burnin
 from memdisc.data import BatchStream
-from memdisc.online import DSCConfig, OnlineConfig, run_online
+from memdisc.defenses import DSCConfig
+from memdisc.online import OnlineConfig, run_online
 from memdisc.pictures import PICTURE_NAME, ROWS, batch_canvas, encode_png, write_batch_picture
 
 EPS = 0.2
@@ -211,10 +212,10 @@ def run_capturing_step0(cfg: OnlineConfig, monkeypatch) -> tuple[dict, dict]:
     poison = AccumulativeAttack.poison
 
     def capturing(self, model, x, y, step):
-        x_in, mask = poison(self, model, x, y, step)
+        batch = poison(self, model, x, y, step)
         if step == 0:
-            seen.update(clean=x.clone(), received=x_in.clone(), poisoned=mask.clone())
-        return x_in, mask
+            seen.update(clean=x.clone(), received=batch.x.clone(), poisoned=batch.poisoned.clone())
+        return batch
 
     with monkeypatch.context() as mp:
         mp.setattr(AccumulativeAttack, "poison", capturing)

@@ -10,7 +10,8 @@ import torch
 
 from memdisc.models import build_model
 from memdisc.ops import discrepancy
-from memdisc.snapshots import SnapshotSet, reduce_over_snapshots
+from memdisc.detectors.md import reduce_over_snapshots
+from memdisc.snapshots import SnapshotSet
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: faster on busy cores
 

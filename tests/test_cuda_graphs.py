@@ -1,4 +1,4 @@
-"""memdisc.graphs and the ``cuda_graph`` option of the correction loops.
+"""memdisc.runtime.cuda_graphs and the ``cuda_graph`` option of the correction loops.
 
 CPU: the option's argument checks.  CUDA (skipped without a GPU): a captured DSC
 or AT loop gives the same corrected batches, reports and weights as the eager
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from memdisc.defenses import DSC, Precision, SeedAT, ThresholdSchedule
-from memdisc.graphs import CapturedLoop
+from memdisc.runtime.cuda_graphs import CapturedLoop
 from memdisc.models import build_model
 from memdisc.snapshots import SnapshotSet
 

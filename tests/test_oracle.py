@@ -1,4 +1,4 @@
-"""memdisc.reference.seed: the plain seed port behaves as ALGORITHM.md sections 2, 3 and 5 say."""
+"""memdisc.oracle.seed: the plain seed port behaves as ALGORITHM.md sections 2, 3 and 5 say."""
 from __future__ import annotations
 
 import copy
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.reference import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
-                               seed_train_step)
+from memdisc.oracle import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
+                            seed_train_step)
 
 
 def tiny_cnn() -> nn.Module:

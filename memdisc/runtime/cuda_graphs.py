@@ -24,6 +24,7 @@ import collections
 from typing import Callable, Hashable, Sequence
 
 import torch
+from torch import nn
 
 
 class CapturedLoop:
@@ -78,3 +79,9 @@ class CapturedLoop:
         self._graphs[key] = entry = (ptrs, graph, static_in, out)
         self.captures += 1
         return entry
+
+
+def module_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers a captured loop reads through the model."""
+    return [*model.parameters(), *model.buffers()]
+

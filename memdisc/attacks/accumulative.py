@@ -1,11 +1,7 @@
-"""The accumulative poisoning attack of Pang et al. (NeurIPS 2021), fast path.
+"""The accumulative poisoning attack of Pang et al. (NeurIPS 2021), fast path, and its options.
 
-ALGORITHM.md section 4.  With per-parameter-tensor normalisation
-``n(v) = v / max(||v||_2, 1e-12)`` (flattened; the ``F.normalize`` convention the
-seed uses, so a zero gradient tensor contributes 0, never NaN), both crafting
-problems are signed steps on one objective of an input batch ``X`` (labels ``y``):
-
-    J(X; D) = sum_l < n(grad_theta_l CE(f(X), y)), D_l >
+ALGORITHM.md section 4.  Both crafting problems are signed steps on the alignment
+objective ``J(X; D)`` of memdisc.attacks.crafting:
 
 * **poisoned trigger**: ``D = n(grad_theta CE(S_val))``; C steps *decrease*
   ``J = A(CE(S_T'), CE(S_val))`` inside the ``trigger_eps`` ball around the clean
@@ -18,216 +14,29 @@ problems are signed steps on one objective of an input batch ``X`` (labels ``y``
   1, its maximum), so with ``terms="first"`` the first step follows rounding
   noise; this is the seed's ``--only_normal`` behaviour, kept as is.
 
-Each step is ``memdisc.ops.pgd_step_`` (sign, step, L-inf projection, [0, 1]
-clamp, only rows of the ``active`` mask): with ``poison_scale < 1`` the rows left
-clean stay clean during the crafting.  The seed instead crafts every row and
-resets the clean ones afterwards (``reset_clean_rows=True``); with C >= 2 steps
-that differs, because the batch-mean loss couples the rows.  ``D`` is a
-constant computed once per batch; the loop never reads a value back to the
-host.  Gradients are taken w.r.t. every parameter of the model (as the seed).
-``memdisc.reference.seed`` holds the plain port of the seed code these
-functions are tested against.
-
-Speed choices, measured on the 2-core CPU box (torch 2.13, one thread, forward
-plus backward of the alignment of two ResNet-18-sized gradient lists, 62
-tensors): one ``torch._foreach_norm`` for the norms plus one ``torch.dot`` per
-tensor took 60 ms, against 250 ms for the seed's per-tensor ``F.normalize``
-loop, 345 ms for an all-foreach polarisation form and 320 ms for one
-concatenated vector with ``index_add`` segment sums.  The validation gradient of
-the trigger crafting is computed once per crafting (the seed recomputes it with
-create_graph at every step) and, when the trigger is re-crafted every step,
-shared with ``G_t``.
+With ``poison_scale < 1`` the rows left clean stay clean during the crafting (the
+``active`` mask of the PGD step).  The seed instead crafts every row and resets the
+clean ones afterwards (``reset_clean_rows=True``); with C >= 2 steps that differs,
+because the batch-mean loss couples the rows.  The validation gradient of the trigger
+crafting is computed once per crafting (the seed recomputes it with create_graph at
+every step) and, when the trigger is re-crafted every step, shared with ``G_t``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from memdisc.attacks.base import Attack, PoisonedBatch, check_batch, describe, register_attack
+from memdisc.attacks.crafting import (MODES, TERMS, _craft, _direction, _loss, _normalized, _param_grads,
+                                      crafting_state)
 from memdisc.config import OptionError, check_choice, check_int, check_number, field
-from memdisc.ops import pgd_step_
 
-__all__ = ["NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment", "accumulative_direction",
-           "AttackConfig", "AccumulativeAttack"]
+__all__ = ["AttackConfig", "AccumulativeAttack"]
 
-NORM_EPS = 1e-12
-"""Zero-norm guard of ``n(v) = v / max(||v||, NORM_EPS)``, as ``F.normalize`` (the seed's call)."""
-
-_TERMS = ("both", "first", "second")
-_MODES = ("eval", "train")
 _CLEAN_ROWS = ("per_step", "fixed")
-
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
-    return type(t).__name__
-
-
-def _norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[L]`` tensor of ``max(||g_l||_2, NORM_EPS)`` (one foreach launch for all L tensors)."""
-    return torch.stack(torch._foreach_norm(list(grads))).clamp_min(NORM_EPS)
-
-
-def _dots(grads_a: Sequence[torch.Tensor], grads_b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[L]`` tensor of ``<a_l, b_l>`` over flattened tensors."""
-    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(grads_a, grads_b)])
-
-
-def _normalized(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``[n(g_l)]``: every tensor divided by its clamped L2 norm."""
-    return list(torch._foreach_div(list(grads), list(_norms(grads).unbind())))
-
-
-def _check_lists(name_a: str, grads_a, name_b: str, grads_b) -> None:
-    if len(grads_a) == 0 or len(grads_a) != len(grads_b):
-        raise ValueError(f"{name_a}/{name_b}: expected two non-empty sequences of equal length, got "
-                         f"{len(grads_a)} and {len(grads_b)} tensors")
-    for i, (a, b) in enumerate(zip(grads_a, grads_b)):
-        if a.shape != b.shape:
-            raise ValueError(f"{name_b}[{i}]: expected shape {tuple(a.shape)} to match {name_a}[{i}], "
-                             f"got {tuple(b.shape)}")
-
-
-def gradient_alignment(grads_a: Sequence[torch.Tensor], grads_b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over parameter tensors of the cosine of two gradients.
-
-    ``A = sum_l <a_l, b_l> / (max(||a_l||, eps) * max(||b_l||, eps)) = sum_l <n(a_l), n(b_l)>``
-    with eps = ``NORM_EPS``; a zero tensor contributes 0.
-
-    Args:
-        grads_a, grads_b: equal-length sequences of tensors, ``grads_b[l]`` of the shape of
-            ``grads_a[l]`` (e.g. the per-parameter gradients of two losses).
-    Returns:
-        0-dim tensor, differentiable w.r.t. both lists (usable under create_graph).
-    """
-    grads_a, grads_b = list(grads_a), list(grads_b)
-    _check_lists("grads_a", grads_a, "grads_b", grads_b)
-    return (_dots(grads_a, grads_b) / (_norms(grads_a) * _norms(grads_b))).sum()
-
-
-@contextlib.contextmanager
-def crafting_state(model: nn.Module, mode: str = "eval") -> Iterator[list[nn.Parameter]]:
-    """Put ``model`` in crafting state for the block and restore it afterwards.
-
-    Inside: every module in ``mode`` ("eval" or "train") and every parameter with
-    ``requires_grad=True``.  On exit every module's training flag and every
-    parameter's requires_grad flag are restored; with ``mode="train"`` the buffers
-    (BatchNorm running statistics) are restored too, so crafting never changes the
-    victim.  Yields ``list(model.parameters())``.  Crafting takes gradients with
-    ``torch.autograd.grad``, so the parameters' ``.grad`` is never written.
-    """
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-    params = list(model.parameters())
-    if not params:
-        raise ValueError("model: expected a module with parameters")
-    flags = [(m, m.training) for m in model.modules()]
-    needs_grad = [p.requires_grad for p in params]
-    saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "train" else []
-    try:
-        model.train(mode == "train")
-        for p in params:
-            p.requires_grad_(True)
-        yield params
-    finally:
-        for m, training in flags:
-            m.training = training
-        for p, flag in zip(params, needs_grad):
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
-
-
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
-
-
-def _param_grads(loss: torch.Tensor, params: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
-    """``grad_theta loss`` for every parameter (zeros where the loss does not use one)."""
-    return list(torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True,
-                                    materialize_grads=True))
-
-
-def _craft(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-           direction: list[torch.Tensor], *, eps: float, steps: int, step_size: float, ascent: bool,
-           active: torch.Tensor | None) -> torch.Tensor:
-    """The crafting loop of ``craft_alignment``; ``model`` already in crafting state."""
-    x0 = x.detach().contiguous()
-    xp = x0.clone().requires_grad_(True)
-    for _ in range(steps):
-        grads = _param_grads(_loss(model, xp, y), params, True)
-        objective = (_dots(grads, direction) / _norms(grads)).sum()
-        (gx,) = torch.autograd.grad(objective, xp)
-        with torch.no_grad():
-            pgd_step_(xp, gx, x0, step=step_size, eps=eps, active=active, descent=not ascent)
-    return xp.detach()
-
-
-def craft_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, direction: Sequence[torch.Tensor], *,
-                    eps: float, steps: int, step_size: float, ascent: bool, active: torch.Tensor | None = None,
-                    mode: str = "eval") -> torch.Tensor:
-    """Signed steps on ``J(X) = sum_l <n(grad_theta_l CE(f(X), y)), D_l>``.
-
-    ``steps`` times ``X <- clip_[0,1](Pi_eps(X +/- step_size * sign(grad_X J); x))``,
-    ``+`` when ``ascent``, only on the rows where ``active`` is True.
-
-    Args:
-        x: ``[B, ...]`` pixels in [0, 1]; y: ``[B]`` class indices.
-        direction: one constant tensor ``D_l`` per parameter, in ``model.parameters()`` order.
-        active: optional ``[B]`` bool on x's device; rows with False come back bit-identical.
-        mode: the model's mode while crafting ("eval" as the seed, or "train").
-    Returns:
-        ``[B, ...]`` the crafted batch (detached): ``|X - x| <= eps`` and ``X`` in [0, 1].
-    """
-    _check_batch("x", x, "y", y)
-    with crafting_state(model, mode) as params:
-        direction = list(direction)
-        _check_lists("model.parameters()", params, "direction", direction)
-        return _craft(model, params, x, y, direction, eps=eps, steps=steps, step_size=step_size,
-                      ascent=ascent, active=active)
-
-
-def _direction(model: nn.Module, params: list[torch.Tensor], x, y, x_val, y_val,
-               trigger: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]], *,
-               gamma: float, terms: str) -> list[torch.Tensor]:
-    """``D`` of H (model in crafting state); ``trigger(grad CE(S_val))`` gives ``(P(S_T), y_T)``."""
-    parts = []
-    if terms in ("both", "first"):
-        parts.append(torch._foreach_mul(_normalized(_param_grads(_loss(model, x, y), params, False)), gamma))
-    if terms in ("both", "second"):
-        g_val = _param_grads(_loss(model, x_val, y_val), params, True)
-        x_trig, y_trig = trigger([g.detach() for g in g_val])
-        g_trig = _param_grads(_loss(model, x_trig, y_trig), params, True)
-        parts.append(_normalized(_param_grads(gradient_alignment(g_trig, g_val), params, False)))
-    direction = parts[0] if len(parts) == 1 else torch._foreach_add(parts[0], parts[1])
-    return [d.detach() for d in direction]
-
-
-def accumulative_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trigger: torch.Tensor,
-                           y_trigger: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
-                           gamma: float = 1.0, terms: str = "both", mode: str = "eval") -> list[torch.Tensor]:
-    """The constant direction ``D`` of the accumulative objective H, one tensor per parameter.
-
-    ``D_l = gamma * n(grad_theta_l CE(x, y)) + n(G_l)``, ``G = grad_theta A(CE(x_trigger), CE(x_val))``;
-    ``terms="first"`` keeps only the gamma term, ``"second"`` only the G term.
-    x: ``[B, ...]`` the clean incoming batch; x_trigger: the (poisoned) trigger batch;
-    x_val: the attacker's validation batch; labels are ``[N]`` class indices.
-    """
-    if terms not in _TERMS:
-        raise ValueError(f"terms: expected one of {_TERMS}, got {terms!r}")
-    _check_batch("x", x, "y", y)
-    _check_batch("x_trigger", x_trigger, "y_trigger", y_trigger)
-    _check_batch("x_val", x_val, "y_val", y_val)
-    with crafting_state(model, mode) as params:
-        return _direction(model, params, x, y, x_val, y_val, lambda _: (x_trigger, y_trigger), gamma=gamma,
-                          terms=terms)
 
 
 @dataclasses.dataclass
@@ -265,7 +74,7 @@ class AttackConfig:
             check_number("trigger_step_size", self.trigger_step_size, 0.0, strict=True)
         check_number("gamma", self.gamma)
         check_number("poison_scale", self.poison_scale, 0.0, 1.0)
-        for name, options in (("terms", _TERMS), ("clean_rows", _CLEAN_ROWS), ("crafting_mode", _MODES)):
+        for name, options in (("terms", TERMS), ("clean_rows", _CLEAN_ROWS), ("crafting_mode", MODES)):
             check_choice(name, getattr(self, name), options)
         for name in ("reset_clean_rows", "recraft_trigger"):
             if not isinstance(getattr(self, name), bool):
@@ -284,16 +93,9 @@ class AttackConfig:
         return eps, steps, step_size
 
 
-def _check_batch(name_x: str, x, name_y: str, y) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError(f"{name_x}: expected a floating [N, ...] tensor of pixels in [0, 1], got {_describe(x)}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] \
-            or y.dtype not in (torch.int64, torch.int32) or y.device != x.device:
-        raise ValueError(f"{name_y}: expected an integer [{x.shape[0]}] tensor of class indices on {x.device}, "
-                         f"got {_describe(y)}")
 
-
-class AccumulativeAttack:
+@register_attack("accumulative")
+class AccumulativeAttack(Attack):
     """The attacker of the online phase: a poisoned trigger plus one poisoned batch per step.
 
     Args:
@@ -307,16 +109,18 @@ class AccumulativeAttack:
     follow the device of the model (``prepare``) and of the incoming batch (``poison``).
     """
 
+    config_class = AttackConfig
+
     def __init__(self, cfg: AttackConfig, x_trigger: torch.Tensor, y_trigger: torch.Tensor, x_val: torch.Tensor,
                  y_val: torch.Tensor, seed: int):
         if not isinstance(cfg, AttackConfig):
             raise ValueError(f"cfg: expected an AttackConfig, got {type(cfg).__name__}")
-        _check_batch("x_trigger", x_trigger, "y_trigger", y_trigger)
-        _check_batch("x_val", x_val, "y_val", y_val)
+        check_batch("x_trigger", x_trigger, "y_trigger", y_trigger)
+        check_batch("x_val", x_val, "y_val", y_val)
         if x_val.shape[1:] != x_trigger.shape[1:] or x_val.dtype != x_trigger.dtype \
                 or x_val.device != x_trigger.device:
             raise ValueError(f"x_val: expected samples like x_trigger's ({x_trigger.dtype}, "
-                             f"{tuple(x_trigger.shape[1:])}, {x_trigger.device}), got {_describe(x_val)} "
+                             f"{tuple(x_trigger.shape[1:])}, {x_trigger.device}), got {describe(x_val)} "
                              f"on {x_val.device}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
@@ -400,21 +204,21 @@ class AccumulativeAttack:
             return self._x_trigger_poisoned, self.y_trigger
         return trigger
 
-    def poison(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def poison(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> PoisonedBatch:
         """Poison one incoming batch ``S_t``.
 
         Args:
             x: ``[B, ...]`` the clean batch (pixels in [0, 1]); y: ``[B]`` its labels.
             step: the online step index t >= 0 (keys the clean-row draw).
         Returns:
-            ``(x_poisoned [B, ...], poisoned [B] bool)`` on x's device: rows with ``poisoned``
-            False are bit-identical to x, and ``|x_poisoned - x| <= eps``, ``x_poisoned`` in [0, 1].
+            ``PoisonedBatch(x_poisoned [B, ...], y, poisoned [B] bool)`` on x's device, the labels
+            unchanged: rows with ``poisoned`` False are bit-identical to x, and
+            ``|x_poisoned - x| <= eps``, ``x_poisoned`` in [0, 1].
         """
-        _check_batch("x", x, "y", y)
+        check_batch("x", x, "y", y)
         if x.shape[1:] != self.x_trigger.shape[1:] or x.dtype != self.x_trigger.dtype:
             raise ValueError(f"x: expected samples like the trigger's ({self.x_trigger.dtype}, "
-                             f"{tuple(self.x_trigger.shape[1:])}), got {_describe(x)}")
+                             f"{tuple(self.x_trigger.shape[1:])}), got {describe(x)}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step: expected an integer >= 0, got {step!r}")
         self._require_prepared()
@@ -427,7 +231,7 @@ class AccumulativeAttack:
             eps, steps, step_size = cfg.poison_schedule()
             x_poisoned = self._masked_craft(model, params, x, y, direction, active, eps=eps, steps=steps,
                                             step_size=step_size, ascent=True)
-        return x_poisoned, active
+        return PoisonedBatch(x_poisoned, y, active)
 
     def state_dict(self) -> dict:
         """What an interrupted run needs to resume exactly: the config, the seed and the crafted trigger."""
@@ -446,6 +250,6 @@ class AccumulativeAttack:
             raise ValueError(f"state: its seed {state['seed']} differs from this attack's {self.seed}")
         trig = state["x_trigger_poisoned"]
         if trig is not None and (trig.shape != self.x_trigger.shape or trig.dtype != self.x_trigger.dtype):
-            raise ValueError(f"state: x_trigger_poisoned ({_describe(trig)}) does not match the trigger "
-                             f"({_describe(self.x_trigger)})")
+            raise ValueError(f"state: x_trigger_poisoned ({describe(trig)}) does not match the trigger "
+                             f"({describe(self.x_trigger)})")
         self._x_trigger_poisoned = None if trig is None else trig.to(self.x_trigger.device).clone()

@@ -1,0 +1,107 @@
+"""The attack interface: what an attacker does to the training data, batch by batch.
+
+``attack.poison(model, x, y, step)`` returns a :class:`PoisonedBatch`: the samples to train on,
+their labels (an attack may change them) and the ``poisoned`` mask, which travels with them
+for evaluation only (a defence never sees it).  ``ATTACKS`` maps each name to its class;
+``@register_attack(name)`` adds one, and the contract tests (tests/test_contracts.py) then
+cover it.  Every registered class takes the attacker's knowledge in one constructor signature,
+``cls(cfg, x_trigger, y_trigger, x_val, y_val, seed)`` (its own config class as
+``cls.config_class``); :func:`build_attack` builds one by name.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["PoisonedBatch", "Attack", "ATTACKS", "register_attack", "build_attack"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonedBatch:
+    """One batch as the victim receives it.
+
+    x: ``[B, ...]`` the samples (pixels in [0, 1]).
+    y: ``[B]`` their labels (an attack may change them).
+    poisoned: ``[B]`` bool on x's device, True for the rows the attacker changed.
+
+    It unpacks as the pair ``(x, poisoned)`` that ``poison`` returned before labels could
+    change, so scripts/guard_own_loop.py's ``x, _ = attack.poison(...)`` keeps working; that
+    path goes once the script reads ``.x``.
+    """
+    x: torch.Tensor
+    y: torch.Tensor
+    poisoned: torch.Tensor
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.x, self.poisoned))
+
+
+class Attack(abc.ABC):
+    """An attacker of the training stream.  ``prepare(model)`` once before the first batch,
+    then ``poison(model, x, y, step)`` for every incoming batch; ``state_dict`` /
+    ``load_state_dict`` hold what an interrupted run needs to resume exactly."""
+
+    name: str = ""
+    config_class: type = type(None)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Set up with the victim as deployed (e.g. craft a trigger); nothing by default."""
+
+    @abc.abstractmethod
+    def poison(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> PoisonedBatch:
+        """The batch the victim receives at online step ``step`` >= 0 instead of the clean
+        ``x [B, ...]`` with labels ``y [B]``."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"state: expected the empty state of {type(self).__name__}, got keys {sorted(state)}")
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+"""Every attack by name (filled by ``register_attack`` as memdisc.attacks is imported)."""
+
+
+def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
+    """Class decorator: add the class to ``ATTACKS`` under ``name`` (and set its ``name``)."""
+    def register(cls: type[Attack]) -> type[Attack]:
+        if name in ATTACKS:
+            raise ValueError(f"name: an attack named {name!r} is already registered ({ATTACKS[name].__name__})")
+        cls.name = name
+        ATTACKS[name] = cls
+        return cls
+    return register
+
+
+def build_attack(name: str, x_trigger: torch.Tensor, y_trigger: torch.Tensor, x_val: torch.Tensor,
+                 y_val: torch.Tensor, seed: int, cfg=None) -> Attack:
+    """The attack ``name`` (a key of ``ATTACKS``) with options ``cfg`` (its config class's defaults
+    where None); the clean trigger batch and the validation batch are the attacker's data."""
+    if name not in ATTACKS:
+        raise ValueError(f"name: expected one of {', '.join(ATTACKS)}, got {name!r}")
+    cls = ATTACKS[name]
+    return cls(cls.config_class() if cfg is None else cfg, x_trigger, y_trigger, x_val, y_val, seed)
+
+
+def describe(t) -> str:
+    """How an argument reads in an error message: a tensor's dtype and shape, else its type."""
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__
+
+
+def check_batch(name_x: str, x, name_y: str, y) -> None:
+    """``x``: a floating ``[N, ...]`` tensor; ``y``: integer ``[N]`` class indices on x's device
+    (ValueError naming the argument otherwise)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"{name_x}: expected a floating [N, ...] tensor of pixels in [0, 1], got {describe(x)}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] \
+            or y.dtype not in (torch.int64, torch.int32) or y.device != x.device:
+        raise ValueError(f"{name_y}: expected an integer [{x.shape[0]}] tensor of class indices on {x.device}, "
+                         f"got {describe(y)}")
