@@ -1,6 +1,6 @@
 """The online (accumulative) phase and the trigger step: ALGORITHM.md section 1,
 phases 2 and 3, with a defence in the loop and Memorization Discrepancy
-recorded as a poison score.
+recorded as a poison score (memdisc.detectors.MDDetector).
 
 Data split (all seeded):
 * stream: fresh batches of the training set minus the defender's held-out slice;

@@ -1,0 +1,105 @@
+"""Compare two memdisc run directories number by number: the proof that a refactor moved nothing.
+
+    python tests/tools/compare_runs.py BEFORE_DIR AFTER_DIR
+
+Every ``*.json`` under BEFORE_DIR must exist under AFTER_DIR with equal content, floats compared
+exactly (Python's float repr round-trips, so equal text is equal bits), except what is allowed to
+differ between two runs of the same configuration: provenance (commit, versions, host), wall-clock
+timings, and the paths of the two run directories (compared with each directory's own path
+replaced by ``<run>``).  Every tensor of every ``*.pt`` (burn-in snapshots, resumable states) is
+compared with ``torch.equal``.  Prints one line per file and exits 1 on the first difference list.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+IGNORED_KEYS = {"provenance", "timing", "seconds", "samples_per_second"}
+
+
+def _strip(value, root: str):
+    """The value with ignored keys dropped and the run directory's path replaced by ``<run>``."""
+    if isinstance(value, dict):
+        return {k: _strip(v, root) for k, v in value.items()
+                if k not in IGNORED_KEYS and not k.endswith("_seconds")}
+    if isinstance(value, list):
+        return [_strip(v, root) for v in value]
+    if isinstance(value, str):
+        return value.replace(root, "<run>")
+    return value
+
+
+def _diff(a, b, where: str, out: list[str]) -> None:
+    if type(a) is not type(b):
+        out.append(f"{where}: {a!r} != {b!r}")
+    elif isinstance(a, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                out.append(f"{where}.{k}: only in {'after' if k not in a else 'before'}")
+            else:
+                _diff(a[k], b[k], f"{where}.{k}", out)
+    elif isinstance(a, list):
+        if len(a) != len(b):
+            out.append(f"{where}: length {len(a)} != {len(b)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{where}[{i}]", out)
+    elif a != b and not (a != a and b != b):  # NaN equals NaN here
+        out.append(f"{where}: {a!r} != {b!r}")
+
+
+def _tensors(value, where: str):
+    if isinstance(value, torch.Tensor):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+def compare(before: Path, after: Path) -> list[str]:
+    problems: list[str] = []
+    files = sorted(p.relative_to(before) for p in before.rglob("*") if p.suffix in (".json", ".pt"))
+    for rel in files:
+        if not (after / rel).exists():
+            problems.append(f"{rel}: missing in {after}")
+            continue
+        diffs: list[str] = []
+        if rel.suffix == ".json":
+            a = _strip(json.loads((before / rel).read_text()), str(before))
+            b = _strip(json.loads((after / rel).read_text()), str(after))
+            _diff(a, b, str(rel), diffs)
+            what = "numbers"
+        else:
+            a = dict(_tensors(torch.load(before / rel, map_location="cpu", weights_only=False), str(rel)))
+            b = dict(_tensors(torch.load(after / rel, map_location="cpu", weights_only=False), str(rel)))
+            if a.keys() != b.keys():
+                diffs.append(f"{rel}: tensors {sorted(a.keys() ^ b.keys())} in one file only")
+            diffs += [f"{k}: tensors differ" for k in a.keys() & b.keys()
+                      if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+            what = f"{len(a)} tensors"
+        print(f"{'equal' if not diffs else 'DIFFERENT'}  {rel} ({what})")
+        problems += diffs
+    extra = sorted(str(p.relative_to(after)) for p in after.rglob("*")
+                   if p.suffix in (".json", ".pt") and p.relative_to(after) not in files)
+    problems += [f"{rel}: only in {after}" for rel in extra]
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    problems = compare(Path(argv[0]).resolve(), Path(argv[1]).resolve())
+    for line in problems:
+        print(line)
+    print("bit for bit: equal" if not problems else f"bit for bit: {len(problems)} differences")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
