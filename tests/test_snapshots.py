@@ -10,7 +10,6 @@ import torch
 
 from memdisc.models import build_model
 from memdisc.ops import discrepancy
-from memdisc.detectors.md import reduce_over_snapshots
 from memdisc.snapshots import SnapshotSet
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: faster on busy cores
@@ -158,22 +157,6 @@ def test_constructor_errors():
         SnapshotSet([make_cnn(0)], ring_lags=(0,))
     with pytest.raises(ValueError, match="vmap"):
         SnapshotSet([make_cnn(0)], vmap="yes")
-
-
-def test_reduce_over_snapshots():
-    md = torch.tensor([[0.1, 0.5, 0.3], [0.4, 0.2, 0.3]])
-    torch.testing.assert_close(reduce_over_snapshots(md), torch.tensor([0.25, 0.35, 0.3]))
-    torch.testing.assert_close(reduce_over_snapshots(md, "mean"), md.mean(0))
-    torch.testing.assert_close(reduce_over_snapshots(md, "max"), torch.tensor([0.4, 0.5, 0.3]))
-    torch.testing.assert_close(reduce_over_snapshots(md, "min"), torch.tensor([0.1, 0.2, 0.3]))
-    torch.testing.assert_close(reduce_over_snapshots(md, 1), md[1])
-    torch.testing.assert_close(reduce_over_snapshots(md, -2), md[0])
-    for bad in (2, -3):
-        with pytest.raises(ValueError, match=f"index {bad} out of range for K=2"):
-            reduce_over_snapshots(md, bad)
-    for bad in ("median", True):
-        with pytest.raises(ValueError, match="expected 'mean', 'max', 'min' or an int"):
-            reduce_over_snapshots(md, bad)
 
 
 def test_state_dict_round_trip_restores_the_ring():
