@@ -126,6 +126,8 @@ def test_attack_refuses_bad_arguments_by_name(name):
         attack.poison(model, x[:, 0], y, 0)
     with pytest.raises(ValueError, match="^y"):
         attack.poison(model, x, y[:3], 0)
+    with pytest.raises(ValueError, match="^y: expected an int64"):  # the labels F.cross_entropy takes
+        attack.poison(model, x, y.int(), 0)
     with pytest.raises(ValueError, match="^seed"):
         make_attack(name, seed=-1)
 
@@ -199,6 +201,8 @@ def test_defense_refuses_bad_batches_by_name(name):
     x, y = data()["batch"]
     with pytest.raises(ValueError, match="^y"):
         defense.correct(model, x, y.float(), 0)
+    with pytest.raises(ValueError, match="^y: expected an int64"):  # one batch rule for attacks and defences
+        defense.correct(model, x, y.int(), 0)
     with pytest.raises(ValueError, match="^x"):
         defense.correct(model, torch.full_like(x, float("nan")), y, 0)
     with pytest.raises(ValueError, match="^name: expected one of ST"):

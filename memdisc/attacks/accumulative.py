@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from memdisc.attacks.base import Attack, PoisonedBatch, check_batch, describe, register_attack
+from memdisc.attacks.base import Attack, PoisonedBatch, register_attack
+from memdisc.checks import check_batch, describe
 from memdisc.attacks.crafting import (MODES, TERMS, _craft, _direction, _loss, _normalized, _param_grads,
                                       crafting_state)
 from memdisc.config import OptionError, check_choice, check_int, check_number, field

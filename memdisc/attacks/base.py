@@ -87,21 +87,3 @@ def build_attack(name: str, x_trigger: torch.Tensor, y_trigger: torch.Tensor, x_
         raise ValueError(f"name: expected one of {', '.join(ATTACKS)}, got {name!r}")
     cls = ATTACKS[name]
     return cls(cls.config_class() if cfg is None else cfg, x_trigger, y_trigger, x_val, y_val, seed)
-
-
-def describe(t) -> str:
-    """How an argument reads in an error message: a tensor's dtype and shape, else its type."""
-    if isinstance(t, torch.Tensor):
-        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
-    return type(t).__name__
-
-
-def check_batch(name_x: str, x, name_y: str, y) -> None:
-    """``x``: a floating ``[N, ...]`` tensor; ``y``: integer ``[N]`` class indices on x's device
-    (ValueError naming the argument otherwise)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError(f"{name_x}: expected a floating [N, ...] tensor of pixels in [0, 1], got {describe(x)}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] \
-            or y.dtype not in (torch.int64, torch.int32) or y.device != x.device:
-        raise ValueError(f"{name_y}: expected an integer [{x.shape[0]}] tensor of class indices on {x.device}, "
-                         f"got {describe(y)}")

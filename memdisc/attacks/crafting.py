@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.attacks.base import check_batch
+from memdisc.checks import check_batch
 from memdisc.ops import pgd_step_
 
 __all__ = ["NORM_EPS", "TERMS", "MODES", "gradient_alignment", "crafting_state", "craft_alignment",

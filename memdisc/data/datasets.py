@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from memdisc.checks import describe
 from memdisc.data.readers import (DatasetNotFoundError, read_cifar_batches, read_idx_split,
                                   read_svhn_mat)
 
@@ -48,9 +49,9 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got {_describe(self.images)}")
+            raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got {describe(self.images)}")
         if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise ValueError(f"labels: expected an int64 [N] tensor, got {_describe(self.labels)}")
+            raise ValueError(f"labels: expected an int64 [N] tensor, got {describe(self.labels)}")
         if self.labels.shape[0] != self.images.shape[0]:
             raise ValueError(f"labels: expected {self.images.shape[0]} labels (one per image), "
                              f"got {self.labels.shape[0]}")
@@ -221,10 +222,4 @@ def _find_file(folder: Path, file: str, gz_ok: bool) -> Path | None:
 
 def _check_index(index: object) -> None:
     if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
-        raise ValueError(f"index: expected an int64 [b] tensor, got {_describe(index)}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+        raise ValueError(f"index: expected an int64 [b] tensor, got {describe(index)}")

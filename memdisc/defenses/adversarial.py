@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.defenses.base import PGD_EPS, PGD_ITERS, PGD_STEP_SIZE, BatchReport, Defense, check_batch
+from memdisc.checks import check_batch
+from memdisc.defenses.base import PGD_EPS, PGD_ITERS, PGD_STEP_SIZE, BatchReport, Defense
 from memdisc.evaluate import eval_mode
 from memdisc.ops import pgd_step_
 from memdisc.runtime import CapturedLoop, Precision
@@ -41,7 +42,7 @@ class _PGDCorrection(Defense):
         return None
 
     def correct(self, model, x, y, step):
-        check_batch(x, y)
+        check_batch("x", x, "y", y, finite=True)
         self.precision.check_graph_device(x)
         self.prepare(model, x)
         with eval_mode(model):

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memdisc.checks import check_batch
+
 PGD_ITERS = 10
 """Default correction steps per batch of DSC and AT (the seed's)."""
 PGD_STEP_SIZE = 0.02
@@ -50,16 +52,6 @@ class BatchReport:
     weights: torch.Tensor | None = None
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise ValueError(f"x: expected a floating [B, ...] batch, got {getattr(x, 'shape', type(x))}")
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.dtype != torch.long:
-        raise ValueError(f"y: expected int64 labels of shape [{x.shape[0]}], got {getattr(y, 'dtype', type(y))} "
-                         f"{tuple(getattr(y, 'shape', ()))}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x: the batch contains NaN or Inf values")
-
-
 class Defense:
     """The defence interface, and ST itself: train on the batch as received (the undefended case).
 
@@ -73,7 +65,7 @@ class Defense:
     def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 step: int) -> tuple[torch.Tensor, BatchReport]:
         """Return the batch to train on ([B, ...], same dtype) and a report."""
-        check_batch(x, y)
+        check_batch("x", x, "y", y, finite=True)
         zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return x, BatchReport(md=None, moved=zeros.bool(), iterations=zeros)
 

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from memdisc.checks import describe
 from memdisc.ops.library import extension_error, extension_loaded
 from memdisc.ops.reference import (discrepancy_backward_reference, discrepancy_reference,
                                    pgd_step_reference)
@@ -48,9 +49,9 @@ def discrepancy(current: torch.Tensor, snapshots: torch.Tensor, temperature: flo
     they are non-finite at least wherever the reference's are.
     """
     if not isinstance(current, torch.Tensor) or current.dim() != 2:
-        raise ValueError(f"current: expected a [B, C] tensor of logits, got {_describe(current)}")
+        raise ValueError(f"current: expected a [B, C] tensor of logits, got {describe(current)}")
     if not isinstance(snapshots, torch.Tensor) or snapshots.dim() != 3:
-        raise ValueError(f"snapshots: expected a [K, B, C] tensor of logits, got {_describe(snapshots)}")
+        raise ValueError(f"snapshots: expected a [K, B, C] tensor of logits, got {describe(snapshots)}")
     if snapshots.device != current.device:
         raise ValueError(f"snapshots: expected a tensor on {current.device} like current, got {snapshots.device}")
     if snapshots.shape[1:] != current.shape:
@@ -85,7 +86,7 @@ def pgd_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, step: fl
     """
     for name, t in (("x", x), ("grad", grad), ("x0", x0)):
         if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.dtype not in _FLOATS:
-            raise ValueError(f"{name}: expected a floating tensor with a batch dimension, got {_describe(t)}")
+            raise ValueError(f"{name}: expected a floating tensor with a batch dimension, got {describe(t)}")
     if grad.shape != x.shape or x0.shape != x.shape:
         raise ValueError(f"grad/x0: expected the shape of x {tuple(x.shape)}, got {tuple(grad.shape)} and "
                          f"{tuple(x0.shape)}")
@@ -93,7 +94,7 @@ def pgd_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, step: fl
         raise ValueError(f"grad/x0: expected dtype {x.dtype}, got {grad.dtype} and {x0.dtype}")
     if active is not None and (not isinstance(active, torch.Tensor) or active.dtype != torch.bool
                                or active.shape != x.shape[:1]):
-        raise ValueError(f"active: expected a bool tensor of shape [{x.shape[0]}], got {_describe(active)}")
+        raise ValueError(f"active: expected a bool tensor of shape [{x.shape[0]}], got {describe(active)}")
     for name, t in (("grad", grad), ("x0", x0), ("active", active)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
@@ -106,9 +107,3 @@ def pgd_step_(x: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, step: fl
         raise ValueError(f"lo/hi: expected lo <= hi, got {lo} > {hi}")
     _pgd_op(x, grad, x0, active, float(step), float(eps), float(lo), float(hi), bool(descent))
     return x
-
-
-def _describe(t) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
-    return f"{type(t).__name__}"
