@@ -1,5 +1,5 @@
-"""Throughput of one online step: the seed semantics run eagerly (the reference
-port, memdisc.reference.seed) against memdisc's fast path, side by side.
+"""Throughput of one online step: the seed semantics run eagerly (the seed-code
+port, memdisc.oracle.seed) against memdisc's fast path, side by side.
 
     python bench/bench_online_step.py [--device cpu|cuda] [--models cnn,resnet18] [--ks 1,4,16]
                                       [--repeats 5] [--out bench/results]
@@ -32,9 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import out_dir_arg, provenance, write_csv_atomic  # noqa: E402
 
 from memdisc.attacks import AccumulativeAttack, AttackConfig  # noqa: E402
-from memdisc.defenses import DSC, Defense, Precision, SeedAT, ThresholdSchedule  # noqa: E402
+from memdisc.defenses import DSC, Defense, SeedAT, ThresholdSchedule  # noqa: E402
 from memdisc.models import build_model  # noqa: E402
-from memdisc.reference import seed as ref  # noqa: E402
+from memdisc.oracle import seed as ref  # noqa: E402
+from memdisc.runtime import Precision  # noqa: E402
 from memdisc.snapshots import SnapshotSet  # noqa: E402
 
 SHAPES = {"cnn": (1, 28, 10), "resnet18": (3, 32, 10)}  # channels, side, classes

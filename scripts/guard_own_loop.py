@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     for step in range(args.steps):
         x, y = next(stream)
         if attack is not None:
-            x, _ = attack.poison(model, x, y, step)
+            x = attack.poison(model, x, y, step).x
         snaps.observe(model)
         _, report = dsc.train_step(model, opt, x, y, step)
         flagged += float(report.md.mean()) > report.threshold

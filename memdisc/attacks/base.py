@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,17 +27,10 @@ class PoisonedBatch:
     x: ``[B, ...]`` the samples (pixels in [0, 1]).
     y: ``[B]`` their labels (an attack may change them).
     poisoned: ``[B]`` bool on x's device, True for the rows the attacker changed.
-
-    It unpacks as the pair ``(x, poisoned)`` that ``poison`` returned before labels could
-    change, so scripts/guard_own_loop.py's ``x, _ = attack.poison(...)`` keeps working; that
-    path goes once the script reads ``.x``.
     """
     x: torch.Tensor
     y: torch.Tensor
     poisoned: torch.Tensor
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter((self.x, self.poisoned))
 
 
 class Attack(abc.ABC):
