@@ -70,13 +70,14 @@ def make_idx_dataset(folder: Path, gz: bool, n_train: int = 12, n_test: int = 5,
     return arrays
 
 
-def make_cifar10(folder: Path, seed: int = 0, py2: bool = False) -> dict:
-    """cifar-10-batches-py with five 3-sample train batches and a 4-sample test batch (``py2``: see
-    :func:`write_pickle`)."""
+def make_cifar10(folder: Path, seed: int = 0, py2: bool = False, per_batch: int = 3, n_test: int = 4) -> dict:
+    """cifar-10-batches-py with five ``per_batch``-sample train batches and an ``n_test``-sample test
+    batch of random pixels and labels (``py2``: see :func:`write_pickle`)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {"train": ([], []), "test": ([], [])}
-    for name, split, n in [(f"data_batch_{i}", "train", 3) for i in range(1, 6)] + [("test_batch", "test", 4)]:
+    for name, split, n in ([(f"data_batch_{i}", "train", per_batch) for i in range(1, 6)]
+                           + [("test_batch", "test", n_test)]):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, n).tolist()
         write_pickle(folder / name, {b"batch_label": name.encode(), b"data": data, b"labels": labels},

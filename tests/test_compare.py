@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from formats import write_pickle
+from formats import make_cifar10
 
 import memdisc.compare as compare_module
 from memdisc.burnin import BurninConfig
@@ -203,12 +202,7 @@ def test_online_options_are_checked_when_the_config_is_loaded(online, message):
 def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_path):
     """The paper's set-up (CIFAR-10 files, ResNet-18, the seed preset with crop + flip and the seed
     threshold schedule) through burn-in, snapshots, attack and DSC, on 140 tiny random images."""
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 40)]:
-        write_pickle(folder / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                     b"labels": rng.integers(0, 10, n).tolist()})
+    make_cifar10(tmp_path / "cifar-10-batches-py", per_batch=20, n_test=40)
     out = tmp_path / "cmp"
     cfg = load_compare_config(overrides={
         "dataset": "cifar10", "model": "resnet18", "data_dir": str(tmp_path), "defenses": "DSC-batch",

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import memdisc.pictures as pictures
-from formats import write_pickle
+from formats import make_cifar10
 from memdisc.attacks import AccumulativeAttack, AttackConfig
 from memdisc.burnin import BurninConfig, run_burnin
 from memdisc.data import BatchStream
@@ -340,12 +340,7 @@ def test_a_failing_picture_does_not_stop_the_run(burnin_dir, monkeypatch):
 
 
 def test_an_rgb_online_run_pictures_colour_images(single_thread, tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 40)]:
-        write_pickle(folder / name, {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                     b"labels": rng.integers(0, 10, n).tolist()})
+    make_cifar10(tmp_path / "cifar-10-batches-py", per_batch=20, n_test=40)
     burnin = tmp_path / "burnin"
     run_burnin(BurninConfig(dataset="cifar10", data_dir=str(tmp_path), model="cnn", epochs=1, batch_size=50,
                             device="cpu", out=str(burnin)), progress=False)
