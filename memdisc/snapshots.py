@@ -4,11 +4,11 @@ A :class:`SnapshotSet` holds K >= 1 copies of one architecture: fixed
 burn-in epochs and/or *ring* slots that follow the online model with a lag
 of N steps.  ``logits(x)`` returns ``[K, B, C]`` for the discrepancy op.
 
-How the K forwards run is a measured choice (bench/NOTES.md): on CUDA the
-parameters are stacked (``torch.func.stack_module_state``) and the forward is
-vmapped over K, one batched call instead of K launches per layer; on CPU a
-plain loop over the K networks measured faster (K=16, CNN, batch 100: loop
-0.09 s, vmap 0.28 s), so ``vmap="auto"`` picks by device.
+How the K forwards run is a measured choice (bench/NOTES.md, "K snapshot
+forwards"): on CUDA the parameters are stacked (``torch.func.stack_module_state``)
+and the forward is vmapped over K, one batched call instead of K launches per
+layer; on CPU a plain loop over the K networks measured faster, so
+``vmap="auto"`` picks by device.
 """
 from __future__ import annotations
 

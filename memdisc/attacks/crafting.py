@@ -15,12 +15,8 @@ direction of Pang et al.'s accumulative objective H (memdisc.attacks.accumulativ
 ``memdisc.oracle.seed`` holds the plain port of the seed code these functions are tested
 against.
 
-Speed choices, measured on the 2-core CPU box (torch 2.13, one thread, forward
-plus backward of the alignment of two ResNet-18-sized gradient lists, 62
-tensors): one ``torch._foreach_norm`` for the norms plus one ``torch.dot`` per
-tensor took 60 ms, against 250 ms for the seed's per-tensor ``F.normalize``
-loop, 345 ms for an all-foreach polarisation form and 320 ms for one
-concatenated vector with ``index_add`` segment sums.
+The norms are one ``torch._foreach_norm`` and the dots one ``torch.dot`` per tensor, the
+fastest of the forms measured (bench/NOTES.md, "Gradient alignment").
 """
 from __future__ import annotations
 
