@@ -26,7 +26,7 @@ from memdisc.artifacts import load_snapshot, provenance, remove_stale_temp_files
 from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
                             to_dict)
 from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
-from memdisc.evaluate import error_rate
+from memdisc.eval.classification import error_rate
 from memdisc.models import MODELS, ZOO, build_model, check_zoo_options, load_weights
 
 

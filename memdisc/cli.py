@@ -41,8 +41,8 @@ def _run_compare(cfg):
 def _run_online(cfg):
     from memdisc.online import run_online
     r = run_online(cfg)
-    print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r['error_before_trigger']:.2f}% -> "
-          f"{100 * r['error_after_trigger']:.2f}% after the trigger; {r['steps_run']} steps ({r['stop_reason']}); "
+    print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r.error_before_trigger:.2f}% -> "
+          f"{100 * r.error_after_trigger:.2f}% after the trigger; {r.steps_run} steps ({r.stop_reason}); "
           f"result in {cfg.out}/result.json")
 
 

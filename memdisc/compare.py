@@ -39,6 +39,7 @@ from memdisc.data import DATASETS, check_dataset_files
 from memdisc.defenses import DEFENSES
 from memdisc.models import MODELS
 from memdisc.online import OnlineConfig, check_device, run_online
+from memdisc.eval.result import RunResult
 from memdisc.report import write_report
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -176,20 +177,21 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     defence the paired per-seed difference of its attack effect from ST's (``vs_st``: negative is a
     defence that held the attack better than training on the batches as received)."""
     metrics = {
-        "error_before_trigger": lambda res, r: r["error_before_trigger"],
-        "error_after_trigger": lambda res, r: r["error_after_trigger"],
-        "error_delta": lambda res, r: r["error_delta"],
-        "attack_effect": lambda res, r: res["attack_effect"].get(r["name"]),
-        "steps_run": lambda res, r: r["steps_run"],
-        "auroc_sample": lambda res, r: (r["detection"]["per_sample"] or {}).get("auroc"),
-        "auroc_batch": lambda res, r: (r["detection"]["per_batch"] or {}).get("auroc"),
+        "error_before_trigger": lambda effect, r: r.error_before_trigger,
+        "error_after_trigger": lambda effect, r: r.error_after_trigger,
+        "error_delta": lambda effect, r: r.error_delta,
+        "attack_effect": lambda effect, r: effect,
+        "steps_run": lambda effect, r: r.steps_run,
+        "auroc_sample": lambda effect, r: (r.detection["per_sample"] or {}).get("auroc"),
+        "auroc_batch": lambda effect, r: (r.detection["per_batch"] or {}).get("auroc"),
     }
     first = next(iter(per_seed.values()))
     runs = {}
     for name in first["runs"]:
         runs[name] = {}
         for metric, get in metrics.items():
-            values = [get(res, {**res["runs"][name], "name": name}) for res in per_seed.values()]
+            values = [get(res["attack_effect"].get(name), RunResult.from_json(res["runs"][name]))
+                      for res in per_seed.values()]
             runs[name][metric] = spread([v for v in values if v is not None])
         if name not in ("control", "ST") and all("ST" in res["attack_effect"] for res in per_seed.values()):
             runs[name]["vs_st"] = spread([res["attack_effect"][name] - res["attack_effect"]["ST"]
@@ -287,7 +289,7 @@ def _run_one_seed(cfg: CompareConfig, device: torch.device, progress: bool = Tru
                                      "provenance": provenance(cfg.seed, device)})
     burnin = run_burnin(cfg.burnin, progress=progress)
     names = ["control"] + cfg.defense_list
-    runs: dict[str, Any] = {}
+    runs: dict[str, RunResult] = {}
     for i, name in enumerate(names, 1):
         online = dataclasses.replace(cfg.online, defense="ST" if name == "control" else name,
                                      control=name == "control", out=str(out / "runs" / name))
@@ -296,15 +298,15 @@ def _run_one_seed(cfg: CompareConfig, device: torch.device, progress: bool = Tru
         runs[name] = run_online(online, progress=progress)
         if progress:
             r = runs[name]
-            print(f"    error {100 * r['error_before_trigger']:.2f}% -> {100 * r['error_after_trigger']:.2f}% "
-                  f"after the trigger ({r['steps_run']} steps; {r['stop_reason']})")
+            print(f"    error {100 * r.error_before_trigger:.2f}% -> {100 * r.error_after_trigger:.2f}% "
+                  f"after the trigger ({r.steps_run} steps; {r.stop_reason})")
     results = {"config": {**to_dict(cfg), "dataset": cfg.dataset, "model": cfg.model},
                "provenance": provenance(cfg.seed, device),
                "burnin": {"test_error": burnin["final_test_error"], "epochs": len(burnin["history"]),
                           "seconds": burnin["seconds"]},
-               "runs": runs}
+               "runs": {name: r.to_json() for name, r in runs.items()}}
     control = runs["control"]
-    results["attack_effect"] = {name: r["error_delta"] - control["error_delta"]
+    results["attack_effect"] = {name: r.error_delta - control.error_delta
                                 for name, r in runs.items() if name != "control"}
     write_json(out / "results.json", results)
     paths = write_report(results, out)

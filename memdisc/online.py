@@ -39,8 +39,9 @@ from memdisc.config import (OptionError, check_choice, check_int, check_number, 
 from memdisc.data import BatchStream, load_dataset, mirror_ok
 from memdisc.defenses import DEFENSES, BaselineConfig, DefenseContext, DSCConfig, build_defense
 from memdisc.detectors import MDDetector
-from memdisc.evaluate import error_rate
-from memdisc.metrics import detection_summary
+from memdisc.eval.classification import error_rate
+from memdisc.eval.recorder import RunRecord
+from memdisc.eval.result import RunResult
 from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
 from memdisc.runtime import Precision
 from memdisc.snapshots import SnapshotSet
@@ -180,47 +181,6 @@ class OnlineRun:
         return load_snapshot(path)
 
 
-@dataclasses.dataclass
-class RunRecord:
-    """What an online run has recorded so far (saved in state.pt for resuming)."""
-    step: int = 0
-    stop_reason: str | None = None
-    log: dict = dataclasses.field(default_factory=lambda: {k: [] for k in (
-        "step", "test_error", "md_poisoned", "md_clean", "corrected_fraction", "threshold")})
-    scores: dict = dataclasses.field(default_factory=lambda: {"poisoned": [], "clean": []})
-    batch_scores: dict = dataclasses.field(default_factory=lambda: {"poisoned": [], "clean": []})
-    timing: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(("attack", "defense", "scoring", "eval"),
-                                                                           0.0))
-    # the batch in attack_batch.png: {"step", "corrected" (the defence changed it), "written"}
-    picture: dict | None = None
-
-    def record(self, err: float, md_in: torch.Tensor, md_clean: torch.Tensor, poisoned: torch.Tensor,
-               report, attacked: bool) -> None:
-        """One step's test error, discrepancies ([B] of the received batch and of its clean counterpart)."""
-        log = self.log
-        log["step"].append(self.step)
-        log["test_error"].append(err)
-        log["md_poisoned"].append(float(md_in[poisoned].mean()) if bool(poisoned.any()) else None)
-        log["md_clean"].append(float(md_clean.mean()))
-        log["corrected_fraction"].append(float(report.moved.float().mean()))
-        log["threshold"].append(report.threshold)
-        if attacked:
-            self.scores["poisoned"] += md_in[poisoned].tolist()
-            self.batch_scores["poisoned"].append(float(md_in.mean()))
-        self.scores["clean"] += md_clean.tolist()
-        self.batch_scores["clean"].append(float(md_clean.mean()))
-        self.step += 1
-
-    def detection(self) -> dict:
-        """MD as a poison score: per sample (poisoned rows vs clean counterparts) and per batch."""
-        p, c = self.scores["poisoned"], self.scores["clean"]
-        if not p:
-            return {"per_sample": None, "per_batch": None}
-        bp, bc = self.batch_scores["poisoned"], self.batch_scores["clean"]
-        return {"per_sample": detection_summary(p + c, [1] * len(p) + [0] * len(c)),
-                "per_batch": detection_summary(bp + bc, [1] * len(bp) + [0] * len(bc))}
-
-
 def _resume_or_start(run: OnlineRun, state_path: Path) -> RunRecord:
     """Restore model, optimizer, defence, ring and attack from state.pt, or prepare a fresh run."""
     cfg = run.cfg
@@ -317,7 +277,7 @@ def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
     return device
 
 
-def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
+def run_online(cfg: OnlineConfig, progress: bool = True) -> RunResult:
     """Run (or resume, or return the finished result of) one online run; writes OUT/result.json."""
     check_device(cfg)
     out = Path(cfg.out)
@@ -326,7 +286,10 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
         done = read_json(result_path, "delete it to finish this online run again", objects=("config",))
         if comparable(OnlineConfig, done["config"]) != comparable(OnlineConfig, to_dict(cfg)):
             raise ValueError(f"{result_path}: a finished run with another configuration; use another --out")
-        return done
+        try:
+            return RunResult.from_json(done)
+        except ValueError as exc:
+            raise ValueError(f"{result_path}: {exc}; delete it to finish this online run again") from None
     run = OnlineRun(cfg)
     rec = _resume_or_start(run, state_path)
     remove_stale_temp_files(out)
@@ -366,20 +329,20 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> dict:
     error_after = error_rate(model, *run.eval_all)
 
     timing = rec.timing
-    result = {
-        "config": to_dict(cfg), "defense": cfg.defense, "attack": not cfg.control,
-        "error_after_burnin": run.burnin_error, "error_before_trigger": error_before,
-        "error_after_trigger": error_after, "error_delta": error_after - error_before,
-        "steps_run": rec.step, "stop_reason": rec.stop_reason, "stop_error": run.stop_error,
-        "trigger_md": trigger_md, "curve": rec.log, "detection": rec.detection(),
-        "scores": rec.scores,
-        "timing": {"online_seconds": sum(timing.values()), "trigger_seconds": trigger_seconds,
-                   **{f"{k}_seconds": v for k, v in timing.items()},
-                   "samples_per_second": rec.step * cfg.batch_size / max(timing["defense"], 1e-9)},
-        "provenance": provenance(cfg.seed, run.device),
-        "picture": {"file": PICTURE_NAME if rec.picture["written"] and (out / PICTURE_NAME).exists() else None,
-                    "step": rec.picture["step"], "corrected": rec.picture["corrected"]}
-                   if rec.picture is not None else {"file": None, "step": None, "corrected": None},
-    }
-    write_json(result_path, result)
+    result = RunResult(
+        config=to_dict(cfg), defense=cfg.defense, attack=not cfg.control,
+        error_after_burnin=run.burnin_error, error_before_trigger=error_before,
+        error_after_trigger=error_after, error_delta=error_after - error_before,
+        steps_run=rec.step, stop_reason=rec.stop_reason, stop_error=run.stop_error,
+        trigger_md=trigger_md, curve=rec.log, detection=rec.detection(),
+        scores=rec.scores,
+        timing={"online_seconds": sum(timing.values()), "trigger_seconds": trigger_seconds,
+                **{f"{k}_seconds": v for k, v in timing.items()},
+                "samples_per_second": rec.step * cfg.batch_size / max(timing["defense"], 1e-9)},
+        provenance=provenance(cfg.seed, run.device),
+        picture={"file": PICTURE_NAME if rec.picture["written"] and (out / PICTURE_NAME).exists() else None,
+                 "step": rec.picture["step"], "corrected": rec.picture["corrected"]}
+                if rec.picture is not None else {"file": None, "step": None, "corrected": None},
+    )
+    write_json(result_path, result.to_json())
     return result

@@ -15,7 +15,7 @@ from memdisc.artifacts import load_snapshot, model_from_snapshot
 from memdisc.burnin import BurninConfig, resolve_device, run_burnin, snapshot_path
 from memdisc.config import to_dict
 from memdisc.data import load_dataset
-from memdisc.evaluate import error_rate
+from memdisc.eval.classification import error_rate
 from memdisc.models import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # bit-equal weights need one fixed thread count

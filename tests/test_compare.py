@@ -16,6 +16,7 @@ from memdisc.burnin import BurninConfig
 from memdisc.compare import PRESETS, load_compare_config, run_compare, spread, summarize_seeds, summary_markdown
 from memdisc.config import to_dict
 from memdisc.defenses import DSCConfig
+from memdisc.eval.result import RunResult
 from memdisc.online import OnlineConfig
 
 SEED_CIFAR10 = PRESETS["seed-cifar10"]
@@ -273,8 +274,11 @@ def test_spread_is_mean_std_and_the_student_t_interval():
 
 def test_summary_compares_each_defence_with_st_on_the_same_seeds():
     def result(effects):
-        runs = {name: {"error_before_trigger": 0.1, "error_after_trigger": 0.2, "error_delta": 0.1, "steps_run": 3,
-                       "detection": {"per_sample": None, "per_batch": None}} for name in ("control", *effects)}
+        runs = {name: RunResult(config={}, defense=name, attack=name != "control", error_after_burnin=0.1,
+                                error_before_trigger=0.1, error_after_trigger=0.2, error_delta=0.1, steps_run=3,
+                                stop_reason="", stop_error=0.15, trigger_md=0.0, curve={},
+                                detection={"per_sample": None, "per_batch": None}, scores={}, timing={},
+                                provenance={}, picture={}).to_json() for name in ("control", *effects)}
         return {"runs": runs, "attack_effect": effects}
     per_seed = {s: result({"ST": 0.08 + 0.01 * s, "DSC-batch": 0.01 + 0.002 * s, "GC": 0.08 + 0.011 * s})
                 for s in range(5)}

@@ -20,6 +20,7 @@ from memdisc.attacks import AttackConfig
 from memdisc.burnin import BurninConfig, run_burnin
 from memdisc.config import to_dict
 from memdisc.data import BatchStream
+from memdisc.eval.result import RunResult
 from memdisc.online import OnlineConfig, run_online
 
 BATCH, MAX_STEPS = 32, 4
@@ -42,7 +43,7 @@ def online_cfg(burnin: Path, out: Path, **kwargs) -> OnlineConfig:
     return OnlineConfig(**values)
 
 
-def run_recording_final_weights(cfg: OnlineConfig) -> tuple[dict, dict]:
+def run_recording_final_weights(cfg: OnlineConfig) -> tuple[RunResult, dict]:
     """``run_online(cfg)`` plus the model's weights at its last evaluation (after the trigger step)."""
     seen = {}
     error_rate = online_module.error_rate
@@ -67,7 +68,7 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(burnin_dir) -> dict[str, tuple[OnlineConfig, dict, dict]]:
+def runs(burnin_dir) -> dict[str, tuple[OnlineConfig, RunResult, dict]]:
     out = {}
     for name, kwargs in RUNS.items():
         cfg = online_cfg(burnin_dir, burnin_dir.parent / f"run-{name}", **kwargs)
@@ -79,39 +80,39 @@ def runs(burnin_dir) -> dict[str, tuple[OnlineConfig, dict, dict]]:
 def test_result_fields_are_present_and_consistent(runs, burnin_dir, name):
     cfg, result, _ = runs[name]
     out = Path(cfg.out)
-    assert RESULT_KEYS <= result.keys()
-    assert json.loads((out / "result.json").read_text())["error_delta"] == result["error_delta"]
+    assert RESULT_KEYS <= result.to_json().keys()
+    assert json.loads((out / "result.json").read_text())["error_delta"] == result.error_delta
     assert json.loads((out / "config.json").read_text())["config"] == to_dict(cfg)
-    assert result["config"] == to_dict(cfg) and result["defense"] == cfg.defense
-    assert result["attack"] is (not cfg.control)
+    assert result.config == to_dict(cfg) and result.defense == cfg.defense
+    assert result.attack is (not cfg.control)
     burnin = json.loads((burnin_dir / "history.json").read_text())
-    assert result["error_after_burnin"] == burnin["final_test_error"]
+    assert result.error_after_burnin == burnin["final_test_error"]
     for key in ("error_before_trigger", "error_after_trigger"):
-        assert 0.0 <= result[key] <= 1.0
-    assert result["error_delta"] == result["error_after_trigger"] - result["error_before_trigger"]
-    assert math.isfinite(result["trigger_md"]) and result["trigger_md"] >= 0
+        assert 0.0 <= getattr(result, key) <= 1.0
+    assert result.error_delta == result.error_after_trigger - result.error_before_trigger
+    assert math.isfinite(result.trigger_md) and result.trigger_md >= 0
 
     # accumulation and why it stopped
-    steps = result["steps_run"]
-    curve = result["curve"]
+    steps = result.steps_run
+    curve = result.curve
     assert 1 <= steps <= cfg.max_steps
     assert curve["step"] == list(range(steps))
     assert all(len(curve[k]) == steps for k in ("test_error", "md_poisoned", "md_clean", "corrected_fraction",
                                                "threshold"))
-    stop = cfg.stop_error if cfg.stop_error is not None else result["error_after_burnin"] + cfg.stop_rise
-    assert result["stop_error"] == pytest.approx(stop)
+    stop = cfg.stop_error if cfg.stop_error is not None else result.error_after_burnin + cfg.stop_rise
+    assert result.stop_error == pytest.approx(stop)
     assert all(e <= stop for e in curve["test_error"][:-1])
     if curve["test_error"][-1] > stop:
-        assert "exceeded the stop threshold" in result["stop_reason"]
+        assert "exceeded the stop threshold" in result.stop_reason
     else:
-        assert steps == cfg.max_steps and result["stop_reason"] == f"reached max_steps={cfg.max_steps}"
+        assert steps == cfg.max_steps and result.stop_reason == f"reached max_steps={cfg.max_steps}"
 
     # scores: one per clean sample and one per poisoned row, and the detection built from them
     poisoned_rows = round(cfg.attack.poison_scale * BATCH) if not cfg.control else 0
-    assert len(result["scores"]["clean"]) == steps * BATCH
-    assert len(result["scores"]["poisoned"]) == steps * poisoned_rows
-    assert all(s >= -1e-6 for s in result["scores"]["clean"] + result["scores"]["poisoned"])
-    detection = result["detection"]
+    assert len(result.scores["clean"]) == steps * BATCH
+    assert len(result.scores["poisoned"]) == steps * poisoned_rows
+    assert all(s >= -1e-6 for s in result.scores["clean"] + result.scores["poisoned"])
+    detection = result.detection
     if cfg.control:
         assert detection == {"per_sample": None, "per_batch": None}
         assert curve["md_poisoned"] == [None] * steps
@@ -128,14 +129,14 @@ def test_result_fields_are_present_and_consistent(runs, burnin_dir, name):
         assert any(f > 0 for f in curve["corrected_fraction"])
     else:
         assert curve["threshold"] == [None] * steps and curve["corrected_fraction"] == [0.0] * steps
-    timing = result["timing"]
+    timing = result.timing
     assert timing["online_seconds"] > 0 and timing["trigger_seconds"] > 0 and timing["samples_per_second"] > 0
 
 
 def test_the_stop_rule_is_exercised(runs):
     """The ST run stops on the error threshold and the DSC run on max_steps (both branches above ran)."""
-    assert "exceeded" in runs["ST"][1]["stop_reason"] and runs["ST"][1]["steps_run"] < MAX_STEPS
-    assert runs["DSC-sample"][1]["steps_run"] == MAX_STEPS
+    assert "exceeded" in runs["ST"][1].stop_reason and runs["ST"][1].steps_run < MAX_STEPS
+    assert runs["DSC-sample"][1].steps_run == MAX_STEPS
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(runs, burnin_dir, monkeypatch, capsys):
@@ -161,7 +162,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(runs, burnin_dir, monkeyp
     assert f"resuming {out} at step 2" in capsys.readouterr().out
     for key in ("error_before_trigger", "error_after_trigger", "error_delta", "steps_run", "stop_reason",
                 "trigger_md", "curve", "scores", "detection"):
-        assert result[key] == reference[key], key
+        assert getattr(result, key) == getattr(reference, key), key
     assert weights.keys() == reference_weights.keys()
     for name, value in weights.items():
         assert torch.equal(value, reference_weights[name]), name
@@ -179,7 +180,7 @@ def test_a_finished_run_is_returned_without_recomputation(runs, monkeypatch):
         raise AssertionError("a finished run was recomputed")
 
     monkeypatch.setattr(online_module, "OnlineRun", fail)
-    assert run_online(cfg, progress=False) == saved
+    assert run_online(cfg, progress=False).to_json() == saved
 
 
 def test_another_config_in_the_same_out_dir_is_refused(runs):
@@ -209,7 +210,7 @@ def test_a_moved_run_resumes_and_its_stale_temp_files_are_removed(runs, burnin_d
     moved = dataclasses.replace(moved, burnin="moved/burnin", out="moved/run")  # and spelled relative
     result = run_online(moved, progress=False)
     for key in ("error_before_trigger", "error_after_trigger", "steps_run", "curve", "scores"):
-        assert result[key] == reference[key], key
+        assert getattr(result, key) == getattr(reference, key), key
     assert not stale.exists()
     assert run_online(dataclasses.replace(moved, out=str(tmp_path / "moved" / "run")), progress=False) == result
 
@@ -246,3 +247,13 @@ def test_config_errors_name_the_option():
         OnlineConfig(batch_size=0)
     with pytest.raises(ValueError, match="^history_epochs: "):
         OnlineConfig(history_epochs="1,x")
+
+
+def test_the_result_round_trips_through_its_json(runs):
+    """RunResult.to_json is result.json's object, key for key and in order; from_json reads it back and
+    refuses an object with a missing or an unknown key, naming them."""
+    cfg, result, _ = runs["ST"]
+    saved = json.loads((Path(cfg.out) / "result.json").read_text())
+    assert list(result.to_json()) == list(saved) and RunResult.from_json(saved) == result
+    with pytest.raises(ValueError, match=r"\(missing: trigger_md; unknown: extra\)$"):
+        RunResult.from_json({**{k: v for k, v in saved.items() if k != "trigger_md"}, "extra": 1})

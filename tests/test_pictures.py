@@ -227,8 +227,8 @@ def test_an_online_run_pictures_its_first_batch_with_the_attack_s_perturbation(b
     cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-ST", defense="ST", attack=AttackConfig(poison_scale=0.75))
     result, seen = run_capturing_step0(cfg, monkeypatch)
     path = Path(cfg.out) / PICTURE_NAME
-    assert result["picture"] == {"file": PICTURE_NAME, "step": 0, "corrected": False} and path.is_file()
-    assert json.loads((Path(cfg.out) / "result.json").read_text())["picture"] == result["picture"]
+    assert result.picture == {"file": PICTURE_NAME, "step": 0, "corrected": False} and path.is_file()
+    assert json.loads((Path(cfg.out) / "result.json").read_text())["picture"] == result.picture
     pixels = decode(path)
     clean, received, poisoned = seen["clean"], seen["received"], seen["poisoned"]
     rows = pictures.pick_samples(poisoned)
@@ -254,7 +254,7 @@ def test_an_online_run_pictures_its_first_batch_with_the_attack_s_perturbation(b
 def test_the_control_and_a_dsc_run_write_a_picture(burnin_dir, name, kwargs):
     cfg = online_cfg(burnin_dir, burnin_dir.parent / f"run-{name}", max_steps=1, **kwargs)
     result = run_online(cfg, progress=False)
-    assert result["picture"]["file"] == PICTURE_NAME
+    assert result.picture["file"] == PICTURE_NAME
     pixels = decode(Path(cfg.out) / PICTURE_NAME)
     layout = run_layout(pixels, 28)
     diff = np.stack([tile(pixels, layout, "received - clean", col) for col in range(8)])
@@ -273,9 +273,9 @@ LATE_CORRECTION = dict(defense="DSC-batch", history_epochs="2", dsc=DSCConfig(th
 def test_the_picture_moves_to_the_first_batch_the_defence_changed(burnin_dir):
     cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-late", **LATE_CORRECTION)
     result = run_online(cfg, progress=False)
-    fractions = result["curve"]["corrected_fraction"]
+    fractions = result.curve["corrected_fraction"]
     assert fractions[0] == 0.0 and fractions[1] > 0.0
-    assert result["picture"] == {"file": PICTURE_NAME, "step": 1, "corrected": True}
+    assert result.picture == {"file": PICTURE_NAME, "step": 1, "corrected": True}
     pixels = decode(Path(cfg.out) / PICTURE_NAME)
     layout = run_layout(pixels, 28)
     correction = np.stack([tile(pixels, layout, "trained on - received", col) for col in range(8)])
@@ -299,7 +299,7 @@ def _interrupted(cfg: OnlineConfig, at: int, monkeypatch) -> None:
 
 def test_a_resumed_run_writes_the_same_picture(burnin_dir, monkeypatch):
     reference = online_cfg(burnin_dir, burnin_dir.parent / "run-reference", **LATE_CORRECTION)
-    expected_result = run_online(reference, progress=False)["picture"]
+    expected_result = run_online(reference, progress=False).picture
     expected = (Path(reference.out) / PICTURE_NAME).read_bytes()
 
     # interrupted after the pictured step (1): resuming does not touch the picture
@@ -308,7 +308,7 @@ def test_a_resumed_run_writes_the_same_picture(burnin_dir, monkeypatch):
     path = Path(cfg.out) / PICTURE_NAME
     assert path.read_bytes() == expected
     written = path.stat().st_mtime_ns
-    assert run_online(cfg, progress=False)["picture"] == expected_result
+    assert run_online(cfg, progress=False).picture == expected_result
     assert path.read_bytes() == expected and path.stat().st_mtime_ns == written
 
     # interrupted before it: the picture of step 0 until the resumed run reaches step 1
@@ -316,7 +316,7 @@ def test_a_resumed_run_writes_the_same_picture(burnin_dir, monkeypatch):
     _interrupted(cfg, 1, monkeypatch)
     path = Path(cfg.out) / PICTURE_NAME
     assert path.read_bytes() != expected
-    assert run_online(cfg, progress=False)["picture"] == expected_result
+    assert run_online(cfg, progress=False).picture == expected_result
     assert path.read_bytes() == expected
 
     # killed before its first checkpoint: every step replays, to the same picture
@@ -324,7 +324,7 @@ def test_a_resumed_run_writes_the_same_picture(burnin_dir, monkeypatch):
     _interrupted(cfg, 3, monkeypatch)
     (Path(cfg.out) / "state.pt").unlink()
     (Path(cfg.out) / PICTURE_NAME).write_bytes(b"stale")
-    assert run_online(cfg, progress=False)["picture"] == expected_result
+    assert run_online(cfg, progress=False).picture == expected_result
     assert (Path(cfg.out) / PICTURE_NAME).read_bytes() == expected
 
 
@@ -336,7 +336,7 @@ def test_a_failing_picture_does_not_stop_the_run(burnin_dir, monkeypatch):
     cfg = online_cfg(burnin_dir, burnin_dir.parent / "run-broken", control=True, max_steps=1)
     with pytest.warns(RuntimeWarning, match="the batch picture was not written"):
         result = run_online(cfg, progress=False)
-    assert result["picture"] == {"file": None, "step": 0, "corrected": False} and result["steps_run"] == 1
+    assert result.picture == {"file": None, "step": 0, "corrected": False} and result.steps_run == 1
 
 
 def test_an_rgb_online_run_pictures_colour_images(single_thread, tmp_path):
@@ -348,7 +348,7 @@ def test_an_rgb_online_run_pictures_colour_images(single_thread, tmp_path):
                        val_size=10, heldout_size=10, stop_error=1.0, device="cpu", out=str(tmp_path / "run"))
     result = run_online(cfg, progress=False)
     pixels = decode(Path(cfg.out) / PICTURE_NAME)
-    assert result["picture"]["file"] == PICTURE_NAME
+    assert result.picture["file"] == PICTURE_NAME
     layout = run_layout(pixels, 32)
     assert layout["tile"] == [96, 96]
     clean = tile(pixels, layout, "clean", 0).astype(int)

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from memdisc.metrics import detection_summary
+from memdisc.eval.detection import detection_summary
 from memdisc.report import (REPORT_FILES, markdown_table, plot_error_curves, plot_md_histograms, plot_roc,
                             write_report)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from memdisc.checks import check_batch
 from memdisc.defenses.base import PGD_EPS, PGD_ITERS, PGD_STEP_SIZE, BatchReport, Defense
-from memdisc.evaluate import eval_mode
+from memdisc.eval.classification import eval_mode
 from memdisc.ops import pgd_step_
 from memdisc.runtime import CapturedLoop, Precision
 from memdisc.runtime.cuda_graphs import module_tensors

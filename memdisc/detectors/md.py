@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from memdisc.detectors.base import Detector, register_detector
-from memdisc.evaluate import eval_mode
+from memdisc.eval.classification import eval_mode
 from memdisc.snapshots import SnapshotSet
 
 __all__ = ["MDDetector", "discrepancy_scores", "reduce_over_snapshots", "REDUCTIONS"]

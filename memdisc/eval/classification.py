@@ -1,4 +1,5 @@
-"""Evaluation helpers shared by burn-in, the online phase and the defences."""
+"""Classification: the top-1 test error of a model, and the eval-mode context the training code and the
+defences share."""
 from __future__ import annotations
 
 import contextlib

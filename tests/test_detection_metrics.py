@@ -1,11 +1,11 @@
-"""memdisc.metrics against a brute-force pairwise count and hand-made cases."""
+"""memdisc.eval.detection against a brute-force pairwise count and hand-made cases."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from memdisc.metrics import auroc, detection_summary, roc_curve, tpr_at_fpr
+from memdisc.eval.detection import auroc, detection_summary, roc_curve, tpr_at_fpr
 
 
 def brute_auroc(s, y):

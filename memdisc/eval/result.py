@@ -1,0 +1,56 @@
+"""``RunResult``: the typed result of one online run, the schema of ``OUT/result.json``.
+
+:meth:`RunResult.to_json` gives the JSON object written to ``result.json`` (the keys in the field
+order below) and :meth:`RunResult.from_json` reads it back, so a finished run is returned from its
+file unchanged.  Errors are fractions in [0, 1]; the nested records keep their JSON shape:
+
+* ``curve``: per online step, ``{"step": [int], "test_error": [float], "md_poisoned": [float | None],
+  "md_clean": [float], "corrected_fraction": [float], "threshold": [float | None]}``;
+* ``detection``: ``{"per_sample": detection_summary | None, "per_batch": detection_summary | None}``
+  (``memdisc.eval.detection``; None for the control);
+* ``scores``: ``{"poisoned": [float], "clean": [float]}``, MD per row;
+* ``timing``: ``{"online_seconds", "trigger_seconds", "attack_seconds", "defense_seconds",
+  "scoring_seconds", "eval_seconds", "samples_per_second": float}``;
+* ``picture``: ``{"file": str | None, "step": int | None, "corrected": bool | None}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Every number of one online run (control or attacked, one defence)."""
+    config: dict[str, Any]          # the OnlineConfig as written (memdisc.config.to_dict)
+    defense: str
+    attack: bool                    # False for the no-attack control
+    error_after_burnin: float
+    error_before_trigger: float
+    error_after_trigger: float
+    error_delta: float              # error_after_trigger - error_before_trigger
+    steps_run: int
+    stop_reason: str
+    stop_error: float               # the threshold the stop rule compared the error with
+    trigger_md: float               # mean MD of the trigger batch
+    curve: dict[str, list]
+    detection: dict[str, Any]
+    scores: dict[str, list[float]]
+    timing: dict[str, float]
+    provenance: dict[str, Any]
+    picture: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``result.json`` (a shallow copy: the nested records are shared)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> RunResult:
+        """The result of a ``result.json`` object; ValueError naming the missing or unknown keys."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing, unknown = [k for k in names if k not in obj], sorted(set(obj) - set(names))
+        if missing or unknown:
+            raise ValueError("not the online result memdisc writes ("
+                             + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in
+                                         (("missing", missing), ("unknown", unknown)) if keys) + ")")
+        return cls(**obj)
