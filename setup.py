@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 
@@ -34,8 +35,9 @@ def _flag(name: str) -> bool:
 
 
 def _toolkit(path):
-    """path, resolved, if it is a CUDA toolkit (has include/cuda_runtime_api.h), else None."""
-    if path and os.path.isfile(os.path.join(path, "include", "cuda_runtime_api.h")):
+    """path, resolved, if it is a CUDA toolkit (include/cuda_runtime_api.h and bin/nvcc), else None."""
+    if path and all(os.path.isfile(os.path.join(path, *f)) for f in (("include", "cuda_runtime_api.h"),
+                                                                       ("bin", "nvcc"))):
         return os.path.realpath(path)
     return None
 
@@ -54,14 +56,14 @@ def _cuda_home():
             home = _toolkit(os.environ[var])
             if home is None:
                 raise SystemExit(f"{var}={os.environ[var]}: expected a CUDA toolkit directory "
-                                 "(with include/cuda_runtime_api.h)")
+                                 "(with include/cuda_runtime_api.h and bin/nvcc)")
             return home
     nvcc = shutil.which("nvcc")
     if nvcc:
         try:
-            out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
-                                 timeout=60).stderr
-            top = re.search(r"^#\$ TOP=(.+)$", out, re.M)
+            run = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                                 timeout=60)
+            top = re.search(r"^#\$ TOP=(.+)$", run.stderr + run.stdout, re.M)
             home = _toolkit(top.group(1).strip()) if top else None
             if home:
                 return home
@@ -79,7 +81,10 @@ def _no_cuda_reason(torch):
         return "MEMDISC_NO_CUDA=1"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
-    return "no CUDA toolkit found (nvcc not on PATH; CUDA_HOME unset)"
+    nvcc = shutil.which("nvcc")
+    where = f"nvcc at {nvcc} reports no toolkit" if nvcc else "no nvcc on PATH"
+    return f"torch {torch.__version__} is a CUDA build but no CUDA toolkit was found ({where}, " \
+           "CUDA_HOME and CUDA_PATH unset, no /usr/local/cuda): set CUDA_HOME"
 
 
 def _extensions():
@@ -112,9 +117,12 @@ def _extensions():
     else:
         ext = ce.CppExtension("memdisc._C", cpu_sources, include_dirs=include,
                               extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    skipped = None if use_cuda else _no_cuda_reason(torch)
+    if want_cuda and not use_cuda:
+        print(f"memdisc: building the CPU kernels only: {skipped}", file=sys.stderr)
     _write_build_info({"torch": torch.__version__, "cuda": torch.version.cuda if use_cuda else None,
                        "cuda_home": cuda_home, "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
-                       "cuda_skipped": None if use_cuda else _no_cuda_reason(torch)})
+                       "cuda_skipped": skipped})
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -128,5 +136,6 @@ def _write_build_info(info):
     os.replace(tmp, path)
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also under pip: setuptools' build backend runs this file as __main__
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

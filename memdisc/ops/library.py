@@ -122,6 +122,14 @@ def _pgd_step_autograd(keyset, x, grad, x0, active, step, eps, lo, hi, descent):
                                                        step, eps, lo, hi, descent)
 
 
+_BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"  # written by setup.py
+
+
+def _read_build_info() -> dict | None:
+    """setup.py's record of what the extension was built against (None when there is none)."""
+    return json.loads(_BUILD_INFO.read_text()) if _BUILD_INFO.exists() else None
+
+
 def _load_extension() -> None:
     """Import memdisc._C if it exists and matches this torch; otherwise warn once (or raise)."""
     if os.environ.get("MEMDISC_DISABLE_EXTENSION", "0") == "1":
@@ -129,10 +137,10 @@ def _load_extension() -> None:
         warnings.warn(f"memdisc: compiled kernels unavailable ({_STATE['error']}); using the PyTorch reference "
                       "kernels.", RuntimeWarning, stacklevel=3)
         return
-    info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
     try:
-        if info_path.exists():
-            built_for = json.loads(info_path.read_text())["torch"]
+        built = _read_build_info()
+        if built is not None:
+            built_for = built["torch"]
             if built_for != torch.__version__:
                 raise ImportError(f"memdisc._C was built for torch {built_for}, this is torch {torch.__version__}; "
                                   "rebuild with `pip install --no-build-isolation -e .`")
@@ -173,16 +181,22 @@ def extension_report() -> dict:
     toolkit directory, architectures), ``compiled_with`` (the extension's own ``build_info`` parsed:
     torch, ``cxx`` = the host compiler's ``__cplusplus``, and with CUDA ``cuda_cxx``, ``cudart``,
     ``cuda_arch``), and ``kernels``: for each op, the devices (CPU, CUDA) whose dispatch key has
-    a kernel of its own registered (the reference is registered as CompositeExplicitAutograd only).  Empty dict when the extension is not loaded."""
+    a kernel of its own registered (the reference is registered as CompositeExplicitAutograd
+    only).  Empty dict when the extension is not loaded."""
     if not _STATE["loaded"]:
         return {}
-    info_path = Path(__file__).resolve().parent.parent / "_build_info.json"
-    built = json.loads(info_path.read_text()) if info_path.exists() else None
     import memdisc._C
     compiled = dict(item.split("=", 1) for item in memdisc._C.build_info().split(";"))
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     kernels = {op: [key for key in ("CPU", "CUDA") if has(f"memdisc::{op}", key)] for op in KERNEL_OPS}
-    return {"built_against": built, "compiled_with": compiled, "kernels": kernels}
+    return {"built_against": _read_build_info(), "compiled_with": compiled, "kernels": kernels}
+
+
+def missing_kernels(devices: tuple[str, ...] = ("CPU", "CUDA")) -> list[str]:
+    """``"op: DEVICE"`` for every op of KERNEL_OPS without a compiled kernel on one of ``devices``
+    (all of them when the extension is not loaded): the check that a build registered what it should."""
+    kernels = extension_report().get("kernels", {})
+    return [f"{op}: {d}" for op in KERNEL_OPS for d in devices if d not in kernels.get(op, [])]
 
 
 _load_extension()
