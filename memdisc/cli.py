@@ -19,12 +19,12 @@ import sys
 from memdisc.config import add_config_arguments, args_to_overrides, load_config
 
 def _burnin_config():
-    from memdisc.burnin import BurninConfig
+    from memdisc.training.supervised import BurninConfig
     return BurninConfig
 
 
 def _online_config():
-    from memdisc.online import OnlineConfig
+    from memdisc.training.online import OnlineConfig
     return OnlineConfig
 
 
@@ -39,7 +39,7 @@ def _run_compare(cfg):
 
 
 def _run_online(cfg):
-    from memdisc.online import run_online
+    from memdisc.training.online import run_online
     r = run_online(cfg)
     print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r.error_before_trigger:.2f}% -> "
           f"{100 * r.error_after_trigger:.2f}% after the trigger; {r.steps_run} steps ({r.stop_reason}); "
@@ -47,7 +47,7 @@ def _run_online(cfg):
 
 
 def _run_burnin(cfg):
-    from memdisc.burnin import run_burnin
+    from memdisc.training.supervised import run_burnin
     result = run_burnin(cfg)
     print(f"burn-in done: test error {100 * result['final_test_error']:.2f}% after "
           f"{len(result['history'])} epochs; snapshots in {cfg.out}/snapshots")

@@ -32,15 +32,15 @@ import numpy as np
 import torch
 
 from memdisc.artifacts import atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
-from memdisc.burnin import BurninConfig, check_model_weights, run_burnin
 from memdisc.config import (OptionError, build, check_choice, check_int, check_seed, comparable, field, merge,
                             option_name, parse_int_list, read_toml, section, to_dict)
 from memdisc.data import DATASETS, check_dataset_files
 from memdisc.defenses import DEFENSES
-from memdisc.models import MODELS
-from memdisc.online import OnlineConfig, check_device, run_online
 from memdisc.eval.result import RunResult
+from memdisc.models import MODELS
 from memdisc.report import write_report
+from memdisc.training.online import OnlineConfig, check_device, run_online
+from memdisc.training.supervised import BurninConfig, check_model_weights, run_burnin
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Measured (control + ST, seeds 0-2, bench/NOTES.md "Choosing the demo defaults"): the seed's
@@ -287,7 +287,7 @@ def _run_one_seed(cfg: CompareConfig, device: torch.device, progress: bool = Tru
     out = Path(cfg.out)
     write_json(out / "config.json", {"command": "compare", "config": to_dict(cfg),
                                      "provenance": provenance(cfg.seed, device)})
-    burnin = run_burnin(cfg.burnin, progress=progress)
+    burnin = run_burnin(cfg.burnin, progress=progress, device=device)
     names = ["control"] + cfg.defense_list
     runs: dict[str, RunResult] = {}
     for i, name in enumerate(names, 1):
@@ -295,7 +295,7 @@ def _run_one_seed(cfg: CompareConfig, device: torch.device, progress: bool = Tru
                                      control=name == "control", out=str(out / "runs" / name))
         if progress:
             print(f"[{i}/{len(names)}] online run: {name}")
-        runs[name] = run_online(online, progress=progress)
+        runs[name] = run_online(online, progress=progress, device=device)
         if progress:
             r = runs[name]
             print(f"    error {100 * r.error_before_trigger:.2f}% -> {100 * r.error_after_trigger:.2f}% "

@@ -1,6 +1,6 @@
 """Pictures of what the attack did to one online batch, and what the defence trained on.
 
-Every online run (``memdisc.online``) writes ``OUT/attack_batch.png`` (:data:`PICTURE_NAME`)
+Every online run (``memdisc.training.online``) writes ``OUT/attack_batch.png`` (:data:`PICTURE_NAME`)
 at its first online step, and replaces it once, at the first step whose batch the defence
 changed (DSC often passes the first batches through; ST, GC and the control never change one,
 so theirs stays the first batch).  The choice is a function of the run's seeded trajectory and

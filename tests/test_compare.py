@@ -12,12 +12,12 @@ import torch
 from formats import make_cifar10
 
 import memdisc.compare as compare_module
-from memdisc.burnin import BurninConfig
 from memdisc.compare import PRESETS, load_compare_config, run_compare, spread, summarize_seeds, summary_markdown
 from memdisc.config import to_dict
 from memdisc.defenses import DSCConfig
 from memdisc.eval.result import RunResult
-from memdisc.online import OnlineConfig
+from memdisc.training.online import OnlineConfig
+from memdisc.training.supervised import BurninConfig
 
 SEED_CIFAR10 = PRESETS["seed-cifar10"]
 

@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from memdisc.burnin import BurninConfig
+from memdisc.training.supervised import BurninConfig
 from memdisc.config import (OptionError, add_config_arguments, build, check_choice, check_int, check_number,
                             check_seed, comparable, config_from_args, field, load_config, merge, parse_int_list,
                             read_toml, section, to_dict)
-from memdisc.online import OnlineConfig
+from memdisc.training.online import OnlineConfig
 
 
 @dataclasses.dataclass

@@ -18,8 +18,8 @@ from torch import nn
 from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, Precision, SeedAT,
                                ThresholdSchedule)
 from memdisc.models import build_model
-from memdisc.online import OnlineConfig
 from memdisc.ops import discrepancy
+from memdisc.training.online import OnlineConfig
 from memdisc.oracle import (madry_at_perturb, seed_at_correct, seed_batch_md, seed_dsc_correct,
                             seed_sample_md, seed_train_step)
 from memdisc.snapshots import SnapshotSet

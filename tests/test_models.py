@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from memdisc.burnin import BurninConfig
 from memdisc.cli import main
 from memdisc.config import build
 from memdisc.models import MODELS, ZOO, build_model, classifier_head, load_weights
+from memdisc.training.supervised import BurninConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # resnet18 on two busy cores: one thread is faster
 NORM_LAYERS = {"bn": nn.BatchNorm2d, "gn": nn.GroupNorm}

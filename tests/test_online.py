@@ -1,4 +1,4 @@
-"""memdisc.online: one online run end to end on the tiny Fashion-MNIST-format data (tests/conftest.py).
+"""memdisc.training.online: one online run end to end on the tiny Fashion-MNIST-format data (tests/conftest.py).
 
 A 2-epoch burn-in is shared by the module; each online run is 32-sample batches for at most 4 steps
 (about a second each).  Resuming is checked bit for bit, so the module runs on one torch thread.
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import memdisc.online as online_module
+import memdisc.training.online as online_module
 from memdisc.attacks import AttackConfig
-from memdisc.burnin import BurninConfig, run_burnin
 from memdisc.config import to_dict
 from memdisc.data import BatchStream
 from memdisc.eval.result import RunResult
-from memdisc.online import OnlineConfig, run_online
+from memdisc.training.online import OnlineConfig, run_online
+from memdisc.training.supervised import BurninConfig, run_burnin
 
 BATCH, MAX_STEPS = 32, 4
 RESULT_KEYS = {"config", "defense", "attack", "error_after_burnin", "error_before_trigger", "error_after_trigger",
@@ -257,3 +257,16 @@ def test_the_result_round_trips_through_its_json(runs):
     assert list(result.to_json()) == list(saved) and RunResult.from_json(saved) == result
     with pytest.raises(ValueError, match=r"\(missing: trigger_md; unknown: extra\)$"):
         RunResult.from_json({**{k: v for k, v in saved.items() if k != "trigger_md"}, "extra": 1})
+
+
+def test_a_device_passed_down_is_not_resolved_again(runs, burnin_dir, tmp_path, monkeypatch):
+    """An entry point above (compare) resolves the device once and passes it: run_online uses it as given."""
+    cfg, reference, _ = runs["control"]
+    moved = _copy_run(cfg, burnin_dir, tmp_path)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the device was resolved again")
+
+    monkeypatch.setattr(online_module, "resolve_device", fail)
+    result = run_online(moved, progress=False, device=torch.device("cpu"))
+    assert result.error_after_trigger == reference.error_after_trigger

@@ -19,11 +19,11 @@ from PIL import Image
 import memdisc.pictures as pictures
 from formats import make_cifar10
 from memdisc.attacks import AccumulativeAttack, AttackConfig
-from memdisc.burnin import BurninConfig, run_burnin
 from memdisc.data import BatchStream
 from memdisc.defenses import DSCConfig
-from memdisc.online import OnlineConfig, run_online
 from memdisc.pictures import PICTURE_NAME, ROWS, batch_canvas, encode_png, write_batch_picture
+from memdisc.training.online import OnlineConfig, run_online
+from memdisc.training.supervised import BurninConfig, run_burnin
 
 EPS = 0.2
 GAIN = 0.5 / EPS

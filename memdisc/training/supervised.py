@@ -1,5 +1,5 @@
-"""Burn-in: ordinary supervised training that produces the snapshots the online
-phase starts from (ALGORITHM.md section 1, phase 1).
+"""Supervised training (the burn-in): ordinary training that produces the snapshots the online
+phase starts from (ALGORITHM.md section 1, phase 1); ``BurninConfig`` and ``run_burnin``.
 
 Run directory layout::
 
@@ -28,6 +28,7 @@ from memdisc.config import (OptionError, check_choice, check_int, check_number, 
 from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
 from memdisc.eval.classification import error_rate
 from memdisc.models import MODELS, ZOO, build_model, check_zoo_options, load_weights
+from memdisc.runtime.device import resolve_device
 
 
 @dataclasses.dataclass
@@ -80,19 +81,6 @@ class BurninConfig:
             self.out = f"runs/burnin-{self.dataset}-{self.model}-s{self.seed}"
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else must be a valid torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device: expected cpu, cuda or auto, got {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but torch sees no CUDA device")
-    return device
-
-
 def _resume_config_matches(path: Path, saved: dict, current: dict) -> None:
     """Refuse the checkpoint ``path`` of another configuration (paths compared as :func:`comparable`
     makes them)."""
@@ -118,12 +106,13 @@ def snapshot_path(out: str | Path, epoch: int) -> Path:
     return Path(out) / "snapshots" / f"epoch_{epoch:03d}.pt"
 
 
-def run_burnin(cfg: BurninConfig, progress: bool = True) -> dict:
+def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | None = None) -> dict:
     """Train, evaluate every epoch, save snapshots; resume if ``cfg.out`` has a checkpoint.
 
+    ``device``: the device an entry point above resolved (default: ``cfg.device`` resolved here).
     Returns the history dict (also written to OUT/history.json).
     """
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if device is None else device
     out = Path(cfg.out)
     train = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test = load_dataset(cfg.dataset, "test", cfg.data_dir)

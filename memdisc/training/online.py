@@ -1,6 +1,11 @@
-"""The online (accumulative) phase and the trigger step: ALGORITHM.md section 1,
+"""The online (accumulative) setting's stream loop and the trigger step: ALGORITHM.md section 1,
 phases 2 and 3, with a defence in the loop and Memorization Discrepancy
 recorded as a poison score (memdisc.detectors.MDDetector).
+
+``run_online`` is three functions: :func:`start_online` (the set-up: data split, models, snapshots,
+attack, defence, resume from ``state.pt``), :func:`accumulate` (the loop with its stop rule and
+checkpoints) and :func:`trigger` (the trigger step and the ``RunResult``).  The resumable state is
+``memdisc.training.checkpoint``; what the loop records is ``memdisc.eval.recorder.RunRecord``.
 
 Data split (all seeded):
 * stream: fresh batches of the training set minus the defender's held-out slice;
@@ -30,10 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memdisc.artifacts import (atomic_torch_save, load_snapshot, load_torch_file, model_from_snapshot, provenance,
-                               read_json, remove_stale_temp_files, write_json)
+from memdisc.artifacts import load_snapshot, model_from_snapshot, provenance, read_json, remove_stale_temp_files, write_json
 from memdisc.attacks import AttackConfig, PoisonedBatch, build_attack
-from memdisc.burnin import resolve_device, snapshot_path
 from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
                             option_name, parse_int_list, section, to_dict)
 from memdisc.data import BatchStream, load_dataset, mirror_ok
@@ -44,7 +47,10 @@ from memdisc.eval.recorder import RunRecord
 from memdisc.eval.result import RunResult
 from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
 from memdisc.runtime import Precision
+from memdisc.runtime.device import resolve_device
 from memdisc.snapshots import SnapshotSet
+from memdisc.training.checkpoint import load_state, save_state
+from memdisc.training.supervised import snapshot_path
 
 
 @dataclasses.dataclass
@@ -134,9 +140,9 @@ def precision_of(cfg: OnlineConfig) -> Precision:
 class OnlineRun:
     """Everything one online run needs, set up from a config (see module docstring)."""
 
-    def __init__(self, cfg: OnlineConfig):
+    def __init__(self, cfg: OnlineConfig, device: torch.device):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = device
         start = self._load_burnin_snapshot(cfg.start_epoch)
         bcfg = start["config"]
         self.burnin_error = float(start["test_error"])
@@ -180,39 +186,10 @@ class OnlineRun:
                                     f"epoch) or pass --burnin DIR / --history-epochs")
         return load_snapshot(path)
 
-
-def _resume_or_start(run: OnlineRun, state_path: Path) -> RunRecord:
-    """Restore model, optimizer, defence, ring and attack from state.pt, or prepare a fresh run."""
-    cfg = run.cfg
-    if not state_path.exists():
-        if run.attack is not None:
-            run.attack.prepare(run.model)
-        return RunRecord()
-    remedy = "delete it to restart this online run from step 0"
-    state = load_torch_file(state_path, remedy, run.device)
-    if not isinstance(state, dict) or set(state) != _STATE_KEYS:
-        raise ValueError(f"{state_path}: not the online state memdisc writes; {remedy}")
-    if comparable(OnlineConfig, state["config"]) != comparable(OnlineConfig, to_dict(cfg)):
-        raise ValueError(f"{state_path}: a run with another configuration; use another --out")
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.defense.load_state_dict(state["defense"])
-    run.snapshots.load_state_dict(state["snapshots"])
-    if run.attack is not None:
-        run.attack.load_state_dict(state["attack"])
-    print(f"resuming {cfg.out} at step {state['progress']['step']}")
-    return RunRecord(**state["progress"])
-
-
-_STATE_KEYS = {"config", "model", "optimizer", "defense", "snapshots", "attack", "progress"}
-
-
-def _save_state(run: OnlineRun, progress: RunRecord, state_path: Path) -> None:
-    atomic_torch_save({"config": to_dict(run.cfg), "model": run.model.state_dict(),
-                       "optimizer": run.optimizer.state_dict(), "defense": run.defense.state_dict(),
-                       "snapshots": run.snapshots.state_dict(),
-                       "attack": run.attack.state_dict() if run.attack is not None else None,
-                       "progress": dataclasses.asdict(progress)}, state_path)
+    def components(self) -> dict:
+        """The stateful components ``memdisc.training.checkpoint`` saves and restores."""
+        return {"model": self.model, "optimizer": self.optimizer, "defense": self.defense,
+                "snapshots": self.snapshots, "attack": self.attack}
 
 
 def _clock(device: torch.device) -> float:
@@ -277,11 +254,13 @@ def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
     return device
 
 
-def run_online(cfg: OnlineConfig, progress: bool = True) -> RunResult:
-    """Run (or resume, or return the finished result of) one online run; writes OUT/result.json."""
-    check_device(cfg)
-    out = Path(cfg.out)
-    result_path, state_path = out / "result.json", out / "state.pt"
+def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | None = None) -> RunResult:
+    """Run (or resume, or return the finished result of) one online run; writes OUT/result.json.
+
+    ``device``: the device an entry point above resolved and checked (default: :func:`check_device`
+    of ``cfg`` here)."""
+    device = check_device(cfg) if device is None else device
+    result_path = Path(cfg.out) / "result.json"
     if result_path.exists():
         done = read_json(result_path, "delete it to finish this online run again", objects=("config",))
         if comparable(OnlineConfig, done["config"]) != comparable(OnlineConfig, to_dict(cfg)):
@@ -290,12 +269,34 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> RunResult:
             return RunResult.from_json(done)
         except ValueError as exc:
             raise ValueError(f"{result_path}: {exc}; delete it to finish this online run again") from None
-    run = OnlineRun(cfg)
-    rec = _resume_or_start(run, state_path)
+    run, rec = start_online(cfg, device)
+    accumulate(run, rec, progress)
+    result = trigger(run, rec)
+    write_json(result_path, result.to_json())
+    return result
+
+
+def start_online(cfg: OnlineConfig, device: torch.device) -> tuple[OnlineRun, RunRecord]:
+    """The set-up: every component built (:class:`OnlineRun`), restored from OUT/state.pt when it
+    exists (``memdisc.training.checkpoint``), and OUT/config.json written."""
+    out = Path(cfg.out)
+    run = OnlineRun(cfg, device)
+    rec = load_state(out / "state.pt", cfg, run.components(), device)
+    if rec is None:
+        if run.attack is not None:
+            run.attack.prepare(run.model)
+        rec = RunRecord()
     remove_stale_temp_files(out)
     # written only once the out dir is known to hold no run with another configuration
     write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
-                                     "provenance": provenance(cfg.seed, run.device)})
+                                     "provenance": provenance(cfg.seed, device)})
+    return run, rec
+
+
+def accumulate(run: OnlineRun, rec: RunRecord, progress: bool = True) -> None:
+    """The loop: online steps (with ``victim_momentum`` if set) until the stop rule holds, the state
+    saved every ``checkpoint_every`` steps and at the stop; ``rec.stop_reason`` says why it stopped."""
+    cfg = run.cfg
     if cfg.victim_momentum is not None:
         for group in run.optimizer.param_groups:
             group["momentum"] = cfg.victim_momentum
@@ -308,15 +309,17 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> RunResult:
         bar.set_postfix(err=f"{100 * err:.1f}%")
         if err > run.stop_error:
             rec.stop_reason = (f"test error {100 * err:.2f}% exceeded the stop threshold "
-                                    f"{100 * run.stop_error:.2f}%")
+                               f"{100 * run.stop_error:.2f}%")
         elif rec.step >= cfg.max_steps:
             rec.stop_reason = f"reached max_steps={cfg.max_steps}"
         if rec.stop_reason is not None or rec.step % cfg.checkpoint_every == 0:
-            _save_state(run, rec, state_path)
+            save_state(Path(cfg.out) / "state.pt", cfg, run.components(), rec)
     bar.close()
 
-    # Trigger: one step on the (poisoned) trigger batch, with the ordinary momentum.
-    model, opt = run.model, run.optimizer
+
+def trigger(run: OnlineRun, rec: RunRecord) -> RunResult:
+    """One step on the (poisoned) trigger batch, with the ordinary momentum, and the run's result."""
+    cfg, model, opt = run.cfg, run.model, run.optimizer
     for group in opt.param_groups:
         group["momentum"] = cfg.momentum
     error_before = error_rate(model, *run.eval_all)
@@ -328,8 +331,8 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> RunResult:
     trigger_seconds = _clock(run.device) - t0
     error_after = error_rate(model, *run.eval_all)
 
-    timing = rec.timing
-    result = RunResult(
+    timing, out = rec.timing, Path(cfg.out)
+    return RunResult(
         config=to_dict(cfg), defense=cfg.defense, attack=not cfg.control,
         error_after_burnin=run.burnin_error, error_before_trigger=error_before,
         error_after_trigger=error_after, error_delta=error_after - error_before,
@@ -344,5 +347,3 @@ def run_online(cfg: OnlineConfig, progress: bool = True) -> RunResult:
                  "step": rec.picture["step"], "corrected": rec.picture["corrected"]}
                 if rec.picture is not None else {"file": None, "step": None, "corrected": None},
     )
-    write_json(result_path, result.to_json())
-    return result

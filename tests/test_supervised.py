@@ -1,4 +1,4 @@
-"""memdisc.burnin on a tiny learnable dataset: history, snapshots, rebuild, learning, exact resume, refusals."""
+"""memdisc.training.supervised (the burn-in) on a tiny learnable dataset: history, snapshots, rebuild, learning, exact resume, refusals."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import memdisc
-import memdisc.burnin as burnin_module
+import memdisc.training.supervised as burnin_module
 from memdisc.artifacts import load_snapshot, model_from_snapshot
-from memdisc.burnin import BurninConfig, resolve_device, run_burnin, snapshot_path
 from memdisc.config import to_dict
 from memdisc.data import load_dataset
 from memdisc.eval.classification import error_rate
 from memdisc.models import build_model
+from memdisc.runtime.device import resolve_device
+from memdisc.training.supervised import BurninConfig, run_burnin, snapshot_path
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # bit-equal weights need one fixed thread count
 
