@@ -15,6 +15,7 @@ from memdisc.eval.classification import eval_mode
 from memdisc.ops import pgd_step_
 from memdisc.runtime import CapturedLoop, Precision
 from memdisc.runtime.cuda_graphs import module_tensors
+from memdisc.runtime.distributed import LOCAL, Comm
 from memdisc.detectors.md import MDDetector, reduce_over_snapshots
 from memdisc.snapshots import SnapshotSet
 
@@ -45,9 +46,11 @@ class ThresholdSchedule:
     def needs_measurement(self, step: int) -> bool:
         return self.kind == "calibrated" and (self.last_step is None or step - self.last_step >= self.every)
 
-    def update(self, step: int, clean_scores: torch.Tensor, batch_size: int | None, generator: torch.Generator):
-        """Set tau from per-sample clean scores ``[N]`` (batch_size given: per-batch mode)."""
-        scores = clean_scores.float().cpu()
+    def update(self, step: int, clean_scores: torch.Tensor, batch_size: int | None, generator: torch.Generator,
+               comm: Comm = LOCAL):
+        """Set tau from per-sample clean scores ``[N]`` (batch_size given: per-batch mode); over several
+        processes (``comm``), the scores of every process's shard of the held-out data."""
+        scores = comm.all_gather(clean_scores.float()).cpu()
         if batch_size is not None:
             idx = torch.randint(0, scores.numel(), (256, batch_size), generator=generator)
             scores = scores[idx].mean(1)
@@ -122,7 +125,7 @@ class DSC(Defense):
                  reduce: str | int = "mean",
                  temperature: float = 1.0, early_exit: str | bool = "auto", compact: str | bool = "auto",
                  heldout: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                 precision: Precision = Precision()):
+                 precision: Precision = Precision(), comm: Comm = LOCAL):
         if mode not in ("batch", "sample"):
             raise ValueError(f"mode: expected 'batch' or 'sample', got {mode!r}")
         if iters < 0 or not step_size > 0 or not eps >= 0:
@@ -131,7 +134,7 @@ class DSC(Defense):
         self.detector = MDDetector(snapshots, reduce, temperature)
         self.schedule = schedule or ThresholdSchedule()
         self.iters, self.step_size, self.eps, self.early_exit = iters, step_size, eps, early_exit
-        self.compact, self.precision = compact, precision
+        self.compact, self.precision, self.comm = compact, precision, comm
         self.heldout = heldout
         self.generator = torch.Generator().manual_seed(seed)
         self._captured = CapturedLoop()
@@ -153,7 +156,7 @@ class DSC(Defense):
         if self.schedule.needs_measurement(step):
             x, _ = self.heldout
             batch = None if self.mode == "sample" else batch_size
-            self.schedule.update(step, self.scores(model, x), batch, self.generator)
+            self.schedule.update(step, self.scores(model, x), batch, self.generator, self.comm)
 
     def correct(self, model, x, y, step):
         check_batch("x", x, "y", y, finite=True)
@@ -211,7 +214,7 @@ class DSC(Defense):
             logits, md = self._measure(model, xs)
             if md_received is None:
                 md_received = md
-            over = md > tau if self.mode == "sample" else (md.mean() > tau).expand(B)
+            over = md > tau if self.mode == "sample" else (self.comm.all_reduce_mean(md.mean()) > tau).expand(B)
             active &= over
             if early_exit and not bool(active.any()):
                 break

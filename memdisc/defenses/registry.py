@@ -19,6 +19,7 @@ from memdisc.defenses.base import PGD_EPS, PGD_ITERS, PGD_STEP_SIZE, Defense
 from memdisc.defenses.clipping import GradientClipping
 from memdisc.defenses.dsc import DSC, DSCConfig, ThresholdSchedule
 from memdisc.runtime import Precision
+from memdisc.runtime.distributed import LOCAL, Comm
 from memdisc.snapshots import SnapshotSet
 
 
@@ -50,18 +51,20 @@ class BaselineConfig:
 class DefenseContext:
     """What a defence may use besides its options: the historical models, the defender's clean
     held-out batch ``(x [N, ...], y [N])`` (DSC's calibration), a seed and the precision of the
-    correction loops."""
+    correction loops, and the communication object of a run over several processes (DSC's global values)."""
     snapshots: SnapshotSet
     heldout: tuple[torch.Tensor, torch.Tensor] | None
     seed: int = 0
     precision: Precision = Precision()
+    comm: Comm = LOCAL
 
 
 def _dsc(mode: str) -> Callable[[DSCConfig, BaselineConfig, DefenseContext], Defense]:
     def build(d: DSCConfig, b: BaselineConfig, ctx: DefenseContext) -> Defense:
         schedule = ThresholdSchedule(d.threshold, d.tau0, d.slope, d.quantile, d.recalibrate_every)
         return DSC(ctx.snapshots, mode=mode, schedule=schedule, iters=d.iters, step_size=d.step_size, eps=d.eps,
-                   reduce=d.reduce, heldout=ctx.heldout, seed=ctx.seed, precision=ctx.precision)
+                   reduce=d.reduce, heldout=ctx.heldout, seed=ctx.seed, precision=ctx.precision,
+                   comm=ctx.comm)
     return build
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from memdisc.eval.detection import detection_summary
+from memdisc.runtime.distributed import LOCAL, Comm
 
 
 @dataclasses.dataclass
@@ -26,14 +27,16 @@ class RunRecord:
     picture: dict | None = None
 
     def record(self, err: float, md_in: torch.Tensor, md_clean: torch.Tensor, poisoned: torch.Tensor,
-               report, attacked: bool) -> None:
-        """One step's test error, discrepancies ([B] of the received batch and of its clean counterpart)."""
+               report, attacked: bool, comm: Comm = LOCAL) -> None:
+        """One step's test error, discrepancies ([B] of the received batch and of its clean counterpart);
+        over several processes (``comm``), the rows of every process's shard of the batch."""
+        md_in, md_clean, poisoned, moved = (comm.all_gather(t) for t in (md_in, md_clean, poisoned, report.moved))
         log = self.log
         log["step"].append(self.step)
         log["test_error"].append(err)
         log["md_poisoned"].append(float(md_in[poisoned].mean()) if bool(poisoned.any()) else None)
         log["md_clean"].append(float(md_clean.mean()))
-        log["corrected_fraction"].append(float(report.moved.float().mean()))
+        log["corrected_fraction"].append(float(moved.float().mean()))
         log["threshold"].append(report.threshold)
         if attacked:
             self.scores["poisoned"] += md_in[poisoned].tolist()

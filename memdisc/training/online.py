@@ -48,6 +48,7 @@ from memdisc.eval.result import RunResult
 from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
 from memdisc.runtime import Precision
 from memdisc.runtime.device import resolve_device
+from memdisc.runtime.distributed import LOCAL, Comm
 from memdisc.snapshots import SnapshotSet
 from memdisc.training.checkpoint import load_state, save_state
 from memdisc.training.supervised import snapshot_path
@@ -140,9 +141,9 @@ def precision_of(cfg: OnlineConfig) -> Precision:
 class OnlineRun:
     """Everything one online run needs, set up from a config (see module docstring)."""
 
-    def __init__(self, cfg: OnlineConfig, device: torch.device):
+    def __init__(self, cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL):
         self.cfg = cfg
-        self.device = device
+        self.device, self.comm = device, comm
         start = self._load_burnin_snapshot(cfg.start_epoch)
         bcfg = start["config"]
         self.burnin_error = float(start["test_error"])
@@ -166,7 +167,7 @@ class OnlineRun:
         # the poison score of every run (evaluation only: never shown to the defence)
         self.detector = MDDetector(self.snapshots, cfg.dsc.reduce)
         self.defense = build_defense(cfg.defense, DefenseContext(self.snapshots, self.heldout, cfg.seed,
-                                                                 precision_of(cfg)), cfg.dsc, cfg.baselines)
+                                                                 precision_of(cfg), comm), cfg.dsc, cfg.baselines)
         # Memory formats fixed before any step (exact resume), the same for every defence and the control.
         precision_of(cfg).prepare(self.heldout[0][:1], self.model)
         self.defense.prepare(self.model, self.heldout[0][:1])
@@ -218,7 +219,7 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     x_train, report = run.defense.correct(model, x_in, received.y, progress.step)
     run.defense.train_on(model, run.optimizer, x_train, received.y)
     t3 = _clock(run.device)
-    err = error_rate(model, *run.eval_step)
+    err = error_rate(model, *run.eval_step, comm=run.comm)
     timing["attack"] += t1 - t0
     timing["scoring"] += t2 - t1
     timing["defense"] += t3 - t2
@@ -227,8 +228,9 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     corrected = bool(report.moved.any())
     if progress.picture is None or (corrected and not progress.picture["corrected"]):
         progress.picture = {"step": progress.step, "corrected": corrected,
-                            "written": _write_picture(run, progress.step, corrected, x, x_in, x_train, poisoned)}
-    progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None)
+                            "written": run.comm.is_writer and _write_picture(run, progress.step, corrected, x, x_in,
+                                                                             x_train, poisoned)}
+    progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None, comm=run.comm)
     return err
 
 
@@ -254,11 +256,13 @@ def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
     return device
 
 
-def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | None = None) -> RunResult:
+def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | None = None,
+               comm: Comm = LOCAL) -> RunResult:
     """Run (or resume, or return the finished result of) one online run; writes OUT/result.json.
 
     ``device``: the device an entry point above resolved and checked (default: :func:`check_device`
-    of ``cfg`` here)."""
+    of ``cfg`` here).  ``comm``: the processes the run is spread over (``memdisc.runtime.distributed``;
+    only the writer writes files)."""
     device = check_device(cfg) if device is None else device
     result_path = Path(cfg.out) / "result.json"
     if result_path.exists():
@@ -269,27 +273,29 @@ def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | 
             return RunResult.from_json(done)
         except ValueError as exc:
             raise ValueError(f"{result_path}: {exc}; delete it to finish this online run again") from None
-    run, rec = start_online(cfg, device)
-    accumulate(run, rec, progress)
+    run, rec = start_online(cfg, device, comm)
+    accumulate(run, rec, progress and comm.is_writer)
     result = trigger(run, rec)
-    write_json(result_path, result.to_json())
+    if comm.is_writer:
+        write_json(result_path, result.to_json())
     return result
 
 
-def start_online(cfg: OnlineConfig, device: torch.device) -> tuple[OnlineRun, RunRecord]:
+def start_online(cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL) -> tuple[OnlineRun, RunRecord]:
     """The set-up: every component built (:class:`OnlineRun`), restored from OUT/state.pt when it
     exists (``memdisc.training.checkpoint``), and OUT/config.json written."""
     out = Path(cfg.out)
-    run = OnlineRun(cfg, device)
+    run = OnlineRun(cfg, device, comm)
     rec = load_state(out / "state.pt", cfg, run.components(), device)
     if rec is None:
         if run.attack is not None:
             run.attack.prepare(run.model)
         rec = RunRecord()
-    remove_stale_temp_files(out)
-    # written only once the out dir is known to hold no run with another configuration
-    write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
-                                     "provenance": provenance(cfg.seed, device)})
+    if comm.is_writer:
+        remove_stale_temp_files(out)
+        # written only once the out dir is known to hold no run with another configuration
+        write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
+                                         "provenance": provenance(cfg.seed, device)})
     return run, rec
 
 
@@ -312,7 +318,7 @@ def accumulate(run: OnlineRun, rec: RunRecord, progress: bool = True) -> None:
                                f"{100 * run.stop_error:.2f}%")
         elif rec.step >= cfg.max_steps:
             rec.stop_reason = f"reached max_steps={cfg.max_steps}"
-        if rec.stop_reason is not None or rec.step % cfg.checkpoint_every == 0:
+        if run.comm.is_writer and (rec.stop_reason is not None or rec.step % cfg.checkpoint_every == 0):
             save_state(Path(cfg.out) / "state.pt", cfg, run.components(), rec)
     bar.close()
 
@@ -322,14 +328,14 @@ def trigger(run: OnlineRun, rec: RunRecord) -> RunResult:
     cfg, model, opt = run.cfg, run.model, run.optimizer
     for group in opt.param_groups:
         group["momentum"] = cfg.momentum
-    error_before = error_rate(model, *run.eval_all)
+    error_before = error_rate(model, *run.eval_all, comm=run.comm)
     t0 = _clock(run.device)
     x_t, y_t = run.attack.trigger_batch(model) if run.attack is not None else run.trigger_clean
     run.snapshots.observe(model)  # as in every step: the ring first, then the score
     trigger_md = float(run.detector.score(model, x_t, y_t).mean())
     run.defense.train_step(model, opt, x_t, y_t, rec.step)
     trigger_seconds = _clock(run.device) - t0
-    error_after = error_rate(model, *run.eval_all)
+    error_after = error_rate(model, *run.eval_all, comm=run.comm)
 
     timing, out = rec.timing, Path(cfg.out)
     return RunResult(
