@@ -14,21 +14,9 @@ from torch import nn
 from memdisc.attacks import (AccumulativeAttack, AttackConfig, accumulative_direction, craft_alignment,
                              crafting_state, gradient_alignment)
 from memdisc.oracle import seed_craft_accumulative, seed_craft_trigger
+from tiny_nets import TinyCNN
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-class TinyCNN(nn.Module):
-    """conv3x3(1->4) - BatchNorm - ReLU - maxpool2 - linear(64 -> 10), for 1x8x8 inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.fc(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1))
 
 
 def tiny_mlp() -> nn.Module:

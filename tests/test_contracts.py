@@ -9,29 +9,16 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memdisc.attacks import ATTACKS, PoisonedBatch, build_attack
 from memdisc.defenses import DEFENSES, DefenseContext, build_defense
 from memdisc.detectors import DETECTORS
 from memdisc.snapshots import SnapshotSet
+from tiny_nets import TinyCNN
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 B = 8
-
-
-class TinyCNN(nn.Module):
-    """conv3x3(1->4) - BatchNorm - ReLU - maxpool2 - linear(64 -> 10), for 1x8x8 inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.fc(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1))
 
 
 def model_and_history(seed: int = 0) -> tuple[nn.Module, SnapshotSet]:
