@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import out_dir_arg, provenance, write_csv_atomic  # noqa: E402
 
-from memdisc.attacks import AccumulativeAttack, AttackConfig  # noqa: E402
+from memdisc.attacks import AccumulativeAttack, AttackConfig, AttackData  # noqa: E402
 from memdisc.defenses import DSC, Defense, SeedAT, ThresholdSchedule  # noqa: E402
-from memdisc.models import build_model  # noqa: E402
+from memdisc.models import build_model, classifier_head  # noqa: E402
 from memdisc.oracle import seed as ref  # noqa: E402
 from memdisc.runtime import Precision  # noqa: E402
 from memdisc.snapshots import SnapshotSet  # noqa: E402
@@ -125,7 +125,9 @@ def _providers(method: str, scenario: str, model, snaps, x, y, variants: bool = 
         m, _, _ = copies()
         cfg = AttackConfig()
         n_val = 100
-        attack = AccumulativeAttack(cfg, x, y, x[:n_val].flip(0).contiguous(), y[:n_val].flip(0).contiguous(), seed=0)
+        data = AttackData(classifier_head(m).out_features, x_val=x[:n_val].flip(0).contiguous(),
+                          y_val=y[:n_val].flip(0).contiguous(), x_trigger=x, y_trigger=y)
+        attack = AccumulativeAttack(cfg, data, seed=0)
         attack.prepare(m)
         x_trig, y_trig = attack.trigger_batch(m)
         eps, steps, step_size = cfg.poison_schedule()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.attacks import AccumulativeAttack, AttackConfig
+from memdisc.attacks import AccumulativeAttack, AttackConfig, AttackData
 from memdisc.data import iterate_minibatches, load_dataset
 from memdisc.defenses import DSC, ThresholdSchedule
 from memdisc.snapshots import SnapshotSet
@@ -72,7 +72,8 @@ def main(argv=None) -> dict:
     attack = None
     if args.attack:
         x_trig, y_trig = next(stream)
-        attack = AccumulativeAttack(AttackConfig(), x_trig, y_trig, x_test[:500], y_test[:500], seed=args.seed)
+        data = AttackData(test.num_classes, x_val=x_test[:500], y_val=y_test[:500], x_trigger=x_trig, y_trigger=y_trig)
+        attack = AccumulativeAttack(AttackConfig(), data, seed=args.seed)
         attack.prepare(model)
 
     # 3. The online loop.  A batch whose mean discrepancy exceeds the threshold is also an alarm

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.attacks import (AccumulativeAttack, AttackConfig, accumulative_direction, craft_alignment,
+from memdisc.attacks import (AccumulativeAttack, AttackConfig, AttackData, accumulative_direction, craft_alignment,
                              crafting_state, gradient_alignment)
 from memdisc.oracle import seed_craft_accumulative, seed_craft_trigger
 from tiny_nets import TinyCNN
@@ -45,6 +45,11 @@ def make_data(device: str = "cpu", batch: int = 8):
 
     (x, y), (xt, yt), (xv, yv) = draw(batch), draw(8), draw(16)
     return x, y, xt, yt, xv, yv
+
+
+def knows(xt, yt, xv, yv) -> AttackData:
+    """The accumulative attacker's knowledge: the clean trigger batch and the validation batch (10 classes)."""
+    return AttackData(10, x_val=xv, y_val=yv, x_trigger=xt, y_trigger=yt)
 
 
 def loss_grads(model, x, y, create_graph=False):
@@ -127,12 +132,18 @@ def test_config_poison_step_follows_eps_and_steps_unless_set():
 def test_attack_rejects_bad_inputs():
     x, y, xt, yt, xv, yv = make_data()
     with pytest.raises(ValueError, match="^y_trigger:"):
-        AccumulativeAttack(AttackConfig(), xt, yt[:3], xv, yv, seed=0)
+        knows(xt, yt[:3], xv, yv)
     with pytest.raises(ValueError, match="^x_val:"):
-        AccumulativeAttack(AttackConfig(), xt, yt, xv[:, :, :4], yv, seed=0)
+        knows(xt, yt, xv[:, :, :4], yv)
+    with pytest.raises(ValueError, match="^y_val: expected class indices in \\[0, 10\\)"):
+        knows(xt, yt, xv, yv + 10)
+    with pytest.raises(ValueError, match="^data: the accumulative attack needs the clean trigger batch"):
+        AccumulativeAttack(AttackConfig(), AttackData(10, x_val=xv, y_val=yv), seed=0)
+    with pytest.raises(ValueError, match="^cfg:"):
+        AccumulativeAttack(None, knows(xt, yt, xv, yv), seed=0)
     with pytest.raises(ValueError, match="^seed:"):
-        AccumulativeAttack(AttackConfig(), xt, yt, xv, yv, seed=-1)
-    attack = AccumulativeAttack(AttackConfig(), xt, yt, xv, yv, seed=0)
+        AccumulativeAttack(AttackConfig(), knows(xt, yt, xv, yv), seed=-1)
+    attack = AccumulativeAttack(AttackConfig(), knows(xt, yt, xv, yv), seed=0)
     model = make_model("mlp")
     with pytest.raises(RuntimeError, match="prepare"):
         attack.poison(model, x, y, 0)
@@ -151,7 +162,7 @@ SMALL = dict(eps=0.05, steps=5, step_size=0.01)  # small signed steps: the first
 def test_trigger_crafting_lowers_alignment_with_validation(kind):
     model = make_model(kind)
     x, y, xt, yt, xv, yv = make_data()
-    attack = AccumulativeAttack(AttackConfig(**SMALL), xt, yt, xv, yv, seed=0)
+    attack = AccumulativeAttack(AttackConfig(**SMALL), knows(xt, yt, xv, yv), seed=0)
     attack.prepare(model)
     xtp, ytp = attack.trigger_batch(model)
     assert torch.equal(ytp, yt)
@@ -163,7 +174,7 @@ def test_trigger_crafting_lowers_alignment_with_validation(kind):
 def test_accumulative_crafting_raises_H(kind, terms):
     model = make_model(kind)
     x, y, xt, yt, xv, yv = make_data()
-    attack = AccumulativeAttack(AttackConfig(terms=terms, **SMALL), xt, yt, xv, yv, seed=0)
+    attack = AccumulativeAttack(AttackConfig(terms=terms, **SMALL), knows(xt, yt, xv, yv), seed=0)
     attack.prepare(model)
     xtp, _ = attack.trigger_batch(model)
     direction = accumulative_direction(model, x, y, xtp, yt, xv, yv, terms=terms)
@@ -215,7 +226,7 @@ def test_perturbations_respect_eps_and_box(device):
     model = make_model("cnn", device)
     x, y, xt, yt, xv, yv = make_data(device)
     cfg = AttackConfig(eps=0.1, steps=3, step_size=0.08, trigger_eps=0.05)
-    attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=0)
+    attack = AccumulativeAttack(cfg, knows(xt, yt, xv, yv), seed=0)
     attack.prepare(model)
     xtp, _ = attack.trigger_batch(model)
     xp = attack.poison(model, x, y, step=4).x
@@ -232,7 +243,7 @@ def test_poison_scale_leaves_exactly_the_clean_rows_bit_identical(scale, batch, 
     # The seed's rule: B - int(poison_scale * B) rows stay clean (int truncates: 0.29 * 100 = 28.999...).
     model = make_model("mlp")
     x, y, xt, yt, xv, yv = make_data(batch=batch)
-    attack = AccumulativeAttack(AttackConfig(poison_scale=scale), xt, yt, xv, yv, seed=7)
+    attack = AccumulativeAttack(AttackConfig(poison_scale=scale), knows(xt, yt, xv, yv), seed=7)
     attack.prepare(model)
     received = attack.poison(model, x, y, step=3)
     xp, poisoned = received.x, received.poisoned
@@ -249,14 +260,14 @@ def test_poison_scale_leaves_exactly_the_clean_rows_bit_identical(scale, batch, 
 
 def test_clean_rows_per_step_vary_and_fixed_do_not():
     _, _, xt, yt, xv, yv = make_data()
-    per_step = AccumulativeAttack(AttackConfig(poison_scale=0.5), xt, yt, xv, yv, seed=1)
+    per_step = AccumulativeAttack(AttackConfig(poison_scale=0.5), knows(xt, yt, xv, yv), seed=1)
     masks = [per_step.poison_mask(100, s) for s in range(4)]
     assert all(int(m.sum()) == 50 for m in masks)
     assert len({tuple(m.tolist()) for m in masks}) == 4
     assert torch.equal(per_step.poison_mask(100, 2), masks[2])  # a function of (seed, step)
-    other_seed = AccumulativeAttack(AttackConfig(poison_scale=0.5), xt, yt, xv, yv, seed=2)
+    other_seed = AccumulativeAttack(AttackConfig(poison_scale=0.5), knows(xt, yt, xv, yv), seed=2)
     assert not torch.equal(other_seed.poison_mask(100, 2), masks[2])
-    fixed = AccumulativeAttack(AttackConfig(poison_scale=0.5, clean_rows="fixed"), xt, yt, xv, yv, seed=1)
+    fixed = AccumulativeAttack(AttackConfig(poison_scale=0.5, clean_rows="fixed"), knows(xt, yt, xv, yv), seed=1)
     assert torch.equal(fixed.poison_mask(8, 0), fixed.poison_mask(8, 9))
     assert torch.equal(fixed.poison_mask(8, 0), fixed.trigger_poisoned_mask)
 
@@ -268,7 +279,7 @@ def test_same_seed_same_result_and_state_dict_resumes_exactly():
     runs = []
     for _ in range(2):
         model = make_model("cnn")
-        attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=11)
+        attack = AccumulativeAttack(cfg, knows(xt, yt, xv, yv), seed=11)
         attack.prepare(model)
         runs.append((attack.poison(model, x, y, 5), attack.trigger_batch(model)[0], attack.state_dict()))
     (a0, t0, state), (a1, t1, _) = runs
@@ -276,21 +287,21 @@ def test_same_seed_same_result_and_state_dict_resumes_exactly():
     assert torch.equal(t0, t1)
 
     model = make_model("cnn")
-    resumed = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=11)
+    resumed = AccumulativeAttack(cfg, knows(xt, yt, xv, yv), seed=11)
     resumed.load_state_dict(state)  # no prepare(): the trigger comes from the state
     assert torch.equal(resumed.trigger_batch(model)[0], t0)
     received = resumed.poison(model, x, y, 5)
     assert torch.equal(received.x, a0.x) and torch.equal(received.poisoned, a0.poisoned)
     with pytest.raises(ValueError, match="^state: its seed"):
-        AccumulativeAttack(cfg, xt, yt, xv, yv, seed=12).load_state_dict(state)
+        AccumulativeAttack(cfg, knows(xt, yt, xv, yv), seed=12).load_state_dict(state)
     with pytest.raises(ValueError, match="^state: its config"):
-        AccumulativeAttack(dataclasses.replace(cfg, gamma=2.0), xt, yt, xv, yv, seed=11).load_state_dict(state)
+        AccumulativeAttack(dataclasses.replace(cfg, gamma=2.0), knows(xt, yt, xv, yv), seed=11).load_state_dict(state)
 
 
 def test_recraft_trigger_follows_the_model():
     x, y, xt, yt, xv, yv = make_data()
     model = make_model("mlp")
-    attack = AccumulativeAttack(AttackConfig(recraft_trigger=True), xt, yt, xv, yv, seed=0)
+    attack = AccumulativeAttack(AttackConfig(recraft_trigger=True), knows(xt, yt, xv, yv), seed=0)
     attack.prepare(model)
     first, _ = attack.trigger_batch(model)
     with torch.no_grad():
@@ -316,8 +327,8 @@ def test_model_mode_flags_buffers_and_grads_are_restored(crafting_mode):
     modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
     buffers = [b.clone() for b in model.buffers()]
-    attack = AccumulativeAttack(AttackConfig(crafting_mode=crafting_mode, recraft_trigger=True), xt, yt, xv, yv,
-                                seed=0)
+    attack = AccumulativeAttack(AttackConfig(crafting_mode=crafting_mode, recraft_trigger=True),
+                                knows(xt, yt, xv, yv), seed=0)
     attack.prepare(model)
     attack.poison(model, x, y, 0)
     attack.trigger_batch(model)
@@ -339,7 +350,7 @@ def test_fast_path_equals_seed_port(device, kind, terms, scale):
     model = make_model(kind, device)
     x, y, xt, yt, xv, yv = make_data(device)
     cfg = AttackConfig(terms=terms, poison_scale=scale)
-    attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=4)
+    attack = AccumulativeAttack(cfg, knows(xt, yt, xv, yv), seed=4)
     attack.prepare(model)
     xtp, _ = attack.trigger_batch(model)
     eps, steps, step_size = cfg.trigger_schedule()
@@ -358,7 +369,7 @@ def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
     model = make_model("mlp")
     x, y, xt, yt, xv, yv = make_data()
     cfg = AttackConfig(poison_scale=0.5, reset_clean_rows=True)
-    attack = AccumulativeAttack(cfg, xt, yt, xv, yv, seed=3)
+    attack = AccumulativeAttack(cfg, knows(xt, yt, xv, yv), seed=3)
     attack.prepare(model)
     xtp, _ = attack.trigger_batch(model)
     eps, steps, step_size = cfg.trigger_schedule()
@@ -374,6 +385,6 @@ def test_reset_clean_rows_is_the_seed_order_of_crafting_then_resetting():
                                   gamma=cfg.gamma)
     assert_signed_steps_close(xp, torch.where(poisoned.view(-1, 1, 1, 1), ref, x), eps=eps, steps=steps,
                               step_size=step_size)
-    held = AccumulativeAttack(dataclasses.replace(cfg, reset_clean_rows=False), xt, yt, xv, yv, seed=3)
+    held = AccumulativeAttack(dataclasses.replace(cfg, reset_clean_rows=False), knows(xt, yt, xv, yv), seed=3)
     held.prepare(model)
     assert not torch.equal(held.poison(model, x, y, 2).x, xp)  # C = 2: the two orders differ

@@ -2,7 +2,8 @@
 attack in ``ATTACKS``, defence in ``DEFENSES`` and detector in ``DETECTORS``.  A component
 added to a registry is tested here without another line: output shapes and dtypes,
 determinism under a seed, the state round trip, and bad arguments refused with a ValueError
-naming the argument."""
+naming the argument; offline attacks also replace exactly ``round(fraction * N)`` distinct rows,
+and a backdoor, where an attack has one, gives targets and an attack success rate."""
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from memdisc.attacks import ATTACKS, PoisonedBatch, build_attack
+from memdisc.attacks import ATTACKS, PoisonedBatch, build_attack, poison_count
 from memdisc.defenses import DEFENSES, DefenseContext, build_defense
 from memdisc.detectors import DETECTORS
+from memdisc.eval.classification import attack_success_rate
 from memdisc.snapshots import SnapshotSet
 from tiny_nets import TinyCNN
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 B = 8
+N_TRAIN = 200  # an offline attack's training set: its default fraction poisons some rows of it
+OFFLINE = [name for name, cls in ATTACKS.items() if cls.kind == "offline"]
 
 
 def model_and_history(seed: int = 0) -> tuple[nn.Module, SnapshotSet]:
@@ -33,13 +37,14 @@ def model_and_history(seed: int = 0) -> tuple[nn.Module, SnapshotSet]:
 
 
 def data():
-    """``(x, y)`` batch, clean trigger, validation and held-out sets: 1x8x8 pixels in [0, 1]."""
+    """``(x, y)`` batch, clean trigger, validation, held-out and training sets: 1x8x8 pixels in [0, 1],
+    10 classes."""
     g = torch.Generator().manual_seed(1)
 
     def draw(n):
         return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
-    return {"batch": draw(B), "trigger": draw(B), "val": draw(16), "heldout": draw(32)}
+    return {"batch": draw(B), "trigger": draw(B), "val": draw(16), "heldout": draw(32), "train": draw(N_TRAIN)}
 
 
 def module_state(model: nn.Module) -> dict:
@@ -52,24 +57,32 @@ def assert_same_module_state(a: dict, b: dict) -> None:
 
 # ---- attacks -------------------------------------------------------------------------------------
 
-def make_attack(name: str, seed: int = 0):
+def make_attack(name: str, seed: int = 0, cfg=None):
     d = data()
-    return build_attack(name, *d["trigger"], *d["val"], seed)
+    (xt, yt), (xv, yv) = d["trigger"], d["val"]
+    return build_attack(name, seed, cfg, num_classes=10, x_val=xv, y_val=yv, x_trigger=xt, y_trigger=yt)
+
+
+def sent(name: str, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What ``poison`` gets: a batch at online step ``step``, or for an offline attack the training set at step 0."""
+    if ATTACKS[name].kind == "offline":
+        return (*data()["train"], 0)
+    return (*data()["batch"], step)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_poisons_a_batch_of_the_same_shape_and_leaves_the_model_as_it_was(name):
     model, _ = model_and_history()
-    x, y = data()["batch"]
+    x, y, step = sent(name, 0)
     attack = make_attack(name)
     attack.prepare(model)
     before, training = module_state(model), model.training
-    out = attack.poison(model, x, y, 0)
+    out = attack.poison(model, x, y, step)
     assert isinstance(out, PoisonedBatch)
     assert out.x.shape == x.shape and out.x.dtype == x.dtype and out.x.device == x.device
-    assert out.y.shape == y.shape and not out.y.is_floating_point()
-    assert out.poisoned.dtype == torch.bool and out.poisoned.shape == (B,)
-    assert bool((out.x >= 0).all() and (out.x <= 1).all())
+    assert out.y.shape == y.shape and out.y.dtype == torch.int64
+    assert out.poisoned.dtype == torch.bool and out.poisoned.shape == y.shape
+    assert bool((out.x >= 0).all() and (out.x <= 1).all()) and bool(((out.y >= 0) & (out.y < 10)).all())
     assert torch.equal(out.x[~out.poisoned], x[~out.poisoned]) and torch.equal(out.y[~out.poisoned], y[~out.poisoned])
     assert_same_module_state(before, module_state(model))
     assert model.training == training
@@ -82,7 +95,7 @@ def test_attack_is_deterministic_under_its_seed(name):
         model, _ = model_and_history()
         attack = make_attack(name, seed=3)
         attack.prepare(model)
-        outs.append(attack.poison(model, *data()["batch"], 2))
+        outs.append(attack.poison(model, *sent(name, 2)))
     a, b = outs
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.poisoned, b.poisoned)
 
@@ -90,12 +103,12 @@ def test_attack_is_deterministic_under_its_seed(name):
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_state_round_trip_resumes_to_the_same_batches(name):
     model, _ = model_and_history()
-    x, y = data()["batch"]
+    x, y, step = sent(name, 1)
     first = make_attack(name)
     first.prepare(model)
     resumed = make_attack(name)
     resumed.load_state_dict(first.state_dict())  # instead of prepare()
-    a, b = first.poison(model, x, y, 1), resumed.poison(model, x, y, 1)
+    a, b = first.poison(model, x, y, step), resumed.poison(model, x, y, step)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.poisoned, b.poisoned)
     with pytest.raises(ValueError, match="^state"):
         resumed.load_state_dict({"not": "a state"})
@@ -104,19 +117,75 @@ def test_attack_state_round_trip_resumes_to_the_same_batches(name):
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_refuses_bad_arguments_by_name(name):
     model, _ = model_and_history()
-    x, y = data()["batch"]
+    x, y, step = sent(name, 0)
     attack = make_attack(name)
     attack.prepare(model)
     with pytest.raises(ValueError, match="^step"):
         attack.poison(model, x, y, -1)
     with pytest.raises(ValueError, match="^x"):
-        attack.poison(model, x[:, 0], y, 0)
+        attack.poison(model, x[:, 0], y, step)
     with pytest.raises(ValueError, match="^y"):
-        attack.poison(model, x, y[:3], 0)
+        attack.poison(model, x, y[:3], step)
     with pytest.raises(ValueError, match="^y: expected an int64"):  # the labels F.cross_entropy takes
-        attack.poison(model, x, y.int(), 0)
+        attack.poison(model, x, y.int(), step)
     with pytest.raises(ValueError, match="^seed"):
         make_attack(name, seed=-1)
+    with pytest.raises(ValueError, match="^cfg"):
+        make_attack(name, cfg=object())
+    with pytest.raises(ValueError, match="^num_classes"):
+        build_attack(name, 0)
+    with pytest.raises(ValueError, match="^x_vla: not something an attacker knows"):
+        build_attack(name, 0, num_classes=10, x_vla=x)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_backdoor_is_absent_or_gives_targets_and_an_attack_success_rate(name):
+    model, _ = model_and_history()
+    x, y = data()["batch"]
+    attack = make_attack(name)
+    attack.prepare(model)
+    x_before = x.clone()
+    out = attack.apply_backdoor(x, y)
+    if out is None:
+        with pytest.raises(ValueError, match="^attack: .* plants no backdoor"):
+            attack_success_rate(model, attack, x, y)
+        return
+    x_bd, target = out
+    assert torch.equal(x, x_before)  # the test inputs are not written to
+    assert x_bd.shape == x.shape and x_bd.dtype == x.dtype and bool((x_bd >= 0).all() and (x_bd <= 1).all())
+    assert target.shape == y.shape and target.dtype == torch.int64 and bool(((target >= 0) & (target < 10)).all())
+    again = attack.apply_backdoor(x, y)
+    assert torch.equal(again[0], x_bd) and torch.equal(again[1], target)
+    assert 0.0 <= attack_success_rate(model, attack, x, y) <= 1.0
+    with pytest.raises(ValueError, match="^x"):
+        attack.apply_backdoor(x[:, 0], y)
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_attack_replaces_round_fraction_n_distinct_rows_drawn_by_its_seed(name):
+    model, _ = model_and_history()
+    x, y = data()["train"]
+    attack = make_attack(name)
+    out = attack.poison(model, x, y, 0)
+    n = poison_count(attack.cfg.fraction, N_TRAIN)
+    assert n > 0 and int(out.poisoned.sum()) == n  # a mask: n rows, none twice
+    changed = (out.x != x).flatten(1).any(1) | (out.y != y)
+    assert torch.equal(changed, out.poisoned)  # every poisoned row replaced, every other row as it was
+    other = make_attack(name, seed=1).poison(model, x, y, 0)
+    assert int(other.poisoned.sum()) == n and not torch.equal(other.poisoned, out.poisoned)
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_attack_refuses_bad_arguments_by_name(name):
+    model, _ = model_and_history()
+    x, y = data()["train"]
+    attack = make_attack(name)
+    with pytest.raises(ValueError, match="^step: an offline attack poisons the whole training set once"):
+        attack.poison(model, x, y, 1)
+    with pytest.raises(ValueError, match=r"^y: expected class indices in \[0, 10\)"):
+        attack.poison(model, x, y + 10, 0)
+    with pytest.raises(ValueError, match="^fraction"):
+        ATTACKS[name].config_class(fraction=1.5)
 
 
 def test_an_unknown_attack_name_is_refused_with_the_known_ones():
@@ -137,7 +206,7 @@ def correct_and_train(name: str, seed: int = 0):
     x, y = data()["batch"]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x_train, report = defense.correct(model, x, y, 0)
-    loss = defense.train_on(model, opt, x_train, y)
+    loss = defense.train_on(model, opt, x_train, y, report)
     return x_train, report, loss, module_state(model), defense
 
 
@@ -153,9 +222,9 @@ def test_defense_returns_a_batch_and_report_of_the_documented_shapes(name):
     assert torch.equal(x_train[~report.moved], x[~report.moved])
     if report.md is not None:
         assert report.md.shape == (B,) and report.md.is_floating_point() and bool(torch.isfinite(report.md).all())
-    for field, dtype in (("keep", torch.bool), ("weights", None)):
-        value = getattr(report, field)
-        assert value is None or (value.shape == (B,) and (dtype is None or value.dtype == dtype))
+    assert report.keep is None or (report.keep.shape == (B,) and report.keep.dtype == torch.bool)
+    assert report.weights is None or (report.weights.shape == (B,) and report.weights.is_floating_point()
+                                      and bool((report.weights >= 0).all()))
     assert loss.dim() == 0 and bool(torch.isfinite(loss))
 
 
@@ -179,6 +248,9 @@ def test_defense_state_round_trip_continues_identically(name):
     a, ra = first.correct(model, x2, y.flip(0), 1)
     b, rb = resumed.correct(model, x2, y.flip(0), 1)
     assert torch.equal(a, b) and torch.equal(ra.iterations, rb.iterations) and ra.threshold == rb.threshold
+    for field in ("keep", "weights"):
+        va, vb = getattr(ra, field), getattr(rb, field)
+        assert (va is None) == (vb is None) and (va is None or torch.equal(va, vb))
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.defenses import (DEFENSES, DSC, Defense, GradientClipping, MadryAT, Precision, SeedAT,
-                               ThresholdSchedule)
+from memdisc.defenses import (DEFENSES, DSC, BatchReport, Defense, DefenseContext, DetectorDefense, FilterConfig,
+                               GradientClipping, MadryAT, Precision, SeedAT, ThresholdSchedule, build_defense)
+from memdisc.detectors import Detector, MDDetector
 from memdisc.models import build_model
 from memdisc.ops import discrepancy
 from memdisc.training.online import OnlineConfig
@@ -313,13 +314,228 @@ def test_dsc_calibration_is_remeasured_every_n_steps_and_survives_a_state_round_
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The training step on kept / weighted rows, and detectors as defences
+# ----------------------------------------------------------------------------------------------------------
+
+def trained_copy(model: nn.Module, x, y, report, momentum: float = 0.0):
+    """A copy of ``model`` after one ``Defense().train_on`` with ``report`` (SGD lr 0.1): (model, optimizer, loss)."""
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=momentum)
+    return twin, opt, Defense().train_on(twin, opt, x, y, report)
+
+
+def hand_step(model: nn.Module, x, y, keep, w):
+    """One SGD step (lr 0.1) by hand on ``sum_{i in keep} w_i CE_i / sum_{i in keep} w_i``, only the kept rows
+    forwarded in train mode.  Returns (model, loss)."""
+    twin = copy.deepcopy(model).train()
+    logp = torch.log_softmax(twin(x[keep]), 1)
+    ce_rows = -logp[torch.arange(int(keep.sum())), y[keep]]
+    loss = (w[keep] * ce_rows).sum() / w[keep].sum()
+    grads = torch.autograd.grad(loss, list(twin.parameters()))
+    with torch.no_grad():
+        for p, g in zip(twin.parameters(), grads):
+            p.sub_(0.1 * g)
+    return twin, loss.detach()
+
+
+def assert_states_close(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_on_without_keep_or_weights_is_the_plain_mean_step_bit_for_bit():
+    model, _, x, y = models_and_batch()
+    zeros = torch.zeros(B, dtype=torch.long)
+    plain, _, loss_plain = trained_copy(model, x, y, None)
+    empty, _, loss_empty = trained_copy(model, x, y, BatchReport(md=None, moved=zeros.bool(), iterations=zeros))
+    twin = copy.deepcopy(model)
+    loss_seed = seed_train_step(twin, torch.optim.SGD(twin.parameters(), lr=0.1), x, y)
+    assert torch.equal(loss_plain, loss_empty) and loss_plain.item() == loss_seed
+    for p, q, r in zip(plain.state_dict().values(), empty.state_dict().values(), twin.state_dict().values()):
+        assert torch.equal(p, q) and torch.equal(p, r)
+
+
+@pytest.mark.parametrize("kept, weighted", [("some", False), ("all", False), ("some", True), ("all", True),
+                                             (None, True)])  # (None, False) is the plain step, above
+def test_train_on_takes_the_weighted_mean_over_kept_rows_as_computed_by_hand(kept, weighted):
+    model, _, x, y = models_and_batch()
+    keep = {"some": torch.arange(B) % 3 != 0, "all": torch.ones(B, dtype=torch.bool), None: None}[kept]
+    weights = torch.linspace(0.0, 2.0, B) if weighted else None
+    zeros = torch.zeros(B, dtype=torch.long)
+    report = BatchReport(md=None, moved=zeros.bool(), iterations=zeros, keep=keep, weights=weights)
+    got, _, loss = trained_copy(model, x, y, report)
+    want, want_loss = hand_step(model, x, y, torch.ones(B, dtype=torch.bool) if keep is None else keep,
+                                torch.ones(B) if weights is None else weights)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-7)
+    assert_states_close(got, want)  # BatchNorm's running statistics included: only the kept rows were forwarded
+    if kept == "some" and not weighted:  # dropping rows = the plain step on the others
+        plain, _, _ = trained_copy(model, x[keep], y[keep], None)
+        assert_states_close(got, plain)
+
+
+@pytest.mark.parametrize("keep, weights", [(torch.zeros(B, dtype=torch.bool), None), (None, torch.zeros(B)),
+                                           (torch.arange(B) < 4, (torch.arange(B) >= 4).float())])
+def test_train_on_with_nothing_to_train_on_takes_no_step_and_returns_nan(keep, weights):
+    model, _, x, y = models_and_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    Defense().train_on(model, opt, x, y)  # a momentum buffer and gradients to keep
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    momenta = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    zeros = torch.zeros(B, dtype=torch.long)
+    loss = Defense().train_on(model, opt, x, y, BatchReport(None, zeros.bool(), zeros, keep=keep, weights=weights))
+    assert loss.dim() == 0 and bool(torch.isnan(loss))
+    assert not model.training
+    assert all(torch.equal(p, q) for p, q in zip(before.values(), model.state_dict().values()))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momenta))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("keep", torch.ones(B, dtype=torch.long), "expected a bool"),
+    ("keep", torch.ones(B - 1, dtype=torch.bool), "expected a bool"),
+    ("weights", torch.ones(B, dtype=torch.long), "expected a floating"),
+    ("weights", -torch.ones(B), "expected finite weights"),
+    ("weights", torch.full((B,), float("inf")), "expected finite weights")])
+def test_train_on_refuses_a_bad_report_by_its_field(field, value, message):
+    model, _, x, y = models_and_batch()
+    zeros = torch.zeros(B, dtype=torch.long)
+    report = BatchReport(None, zeros.bool(), zeros, **{field: value})
+    with pytest.raises(ValueError, match=f"^report.{field}: {message}"):
+        Defense().train_on(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, report)
+
+
+class RowMarker(Detector):
+    """A detector whose score is pixel (0, 0) of each sample (the test writes it), counting its fits."""
+
+    name = "marker"
+
+    def __init__(self):
+        self.fits = 0
+
+    def fit(self, model, x, y):
+        self.fits += 1
+        return self
+
+    def score(self, model, x, y=None):
+        return x[:, 0, 0, 0].clone()
+
+    def state_dict(self):
+        return {"fits": self.fits}
+
+    def load_state_dict(self, state):
+        self.fits = state["fits"]
+
+
+def heldout_batch(n: int = 64):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(11)), torch.zeros(n, dtype=torch.long)
+
+
+def test_detector_defense_drops_or_reweights_the_rows_scoring_above_the_heldout_quantile():
+    model, hist, x, y = models_and_batch()
+    heldout = heldout_batch()
+    snaps = SnapshotSet([hist])
+    scores, clean = per_sample_md(model, hist, x), per_sample_md(model, hist, heldout[0])
+    tau = float(torch.quantile(clean, 0.5))
+    assert 0 < int((scores > tau).sum()) < B  # the batch has rows on both sides
+    for action in ("drop", "reweight"):
+        defense = DetectorDefense(MDDetector(snaps), action, heldout, ThresholdSchedule("calibrated", quantile=0.5),
+                                  flagged_weight=0.25)
+        assert defense.name == f"MD-{action}"
+        x_train, report = defense.correct(model, x, y, 0)
+        assert torch.equal(x_train, x) and not report.moved.any() and report.md is None
+        assert report.threshold == pytest.approx(tau, rel=1e-5)
+        flagged = scores > report.threshold
+        if action == "drop":
+            assert torch.equal(report.keep, ~flagged) and report.weights is None
+        else:
+            assert report.keep is None and torch.equal(report.weights, torch.where(flagged, 0.25, 1.0))
+
+
+def test_detector_defense_trains_only_on_the_rows_it_keeps_and_needs_the_report():
+    model, _, x, y = models_and_batch()
+    x = x.clone()
+    x[:, 0, 0, 0] = torch.linspace(0, 1, B)  # the marker: rows above 0.7 get flagged
+    defense = DetectorDefense(RowMarker(), "drop", heldout_batch(), ThresholdSchedule("fixed", tau0=0.7))
+    assert defense.name == "marker-drop"
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, report = defense.train_step(model, opt, x, y, 0)
+    keep = x[:, 0, 0, 0] <= 0.7
+    assert torch.equal(report.keep, keep) and 0 < int(keep.sum()) < B
+    want, want_loss = hand_step(twin, x, y, keep, torch.ones(B))
+    torch.testing.assert_close(loss, want_loss)
+    assert_states_close(model, want)
+    with pytest.raises(ValueError, match="^report: marker-drop trains on the rows its report keeps"):
+        defense.train_on(model, opt, x, y)
+
+
+def test_detector_defense_fits_once_recalibrates_when_due_and_resumes_from_its_state():
+    model, _, x, y = models_and_batch()
+    heldout = heldout_batch()
+
+    def make():
+        return DetectorDefense(RowMarker(), "reweight", heldout, ThresholdSchedule("calibrated", quantile=0.9, every=2))
+
+    defense = make()
+    defense.prepare(model, x)
+    tau0 = defense.correct(model, x, y, 0)[1].threshold
+    assert defense.detector.fits == 1 and tau0 == pytest.approx(float(torch.quantile(heldout[0][:, 0, 0, 0], 0.9)))
+    heldout[0][:, 0, 0, 0] += 0.05  # the clean scores move: seen at the next measurement, step 2
+    assert defense.correct(model, x, y, 1)[1].threshold == tau0
+    tau2 = defense.correct(model, x, y, 2)[1].threshold
+    assert tau2 == pytest.approx(tau0 + 0.05) and defense.detector.fits == 1
+    resumed = make()
+    resumed.load_state_dict(copy.deepcopy(defense.state_dict()))
+    assert resumed.correct(model, x, y, 3)[1].threshold == tau2 and resumed.detector.fits == 1
+    with pytest.raises(ValueError, match="^state"):
+        resumed.load_state_dict({"schedule": {}})
+
+
+def test_registered_detector_defenses_take_their_options_from_filter_config():
+    model, hist, x, y = models_and_batch()
+    heldout = heldout_batch()
+    ctx = DefenseContext(SnapshotSet([hist]), heldout)
+    defense = build_defense("MD-reweight", ctx, filtering=FilterConfig(quantile=0.5, flagged_weight=0.0))
+    _, report = defense.correct(model, x, y, 0)
+    assert report.threshold == pytest.approx(float(torch.quantile(per_sample_md(model, hist, heldout[0]), 0.5)),
+                                             rel=1e-5)
+    assert set(report.weights.tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="^heldout: MD-drop needs the defender's clean held-out batch"):
+        build_defense("MD-drop", DefenseContext(SnapshotSet([hist]), None))
+
+
+@pytest.mark.parametrize("options, option", [({"quantile": 1.0}, "quantile"), ({"quantile": 0}, "quantile"),
+                                             ({"recalibrate_every": 0}, "recalibrate_every"),
+                                             ({"flagged_weight": 1.5}, "flagged_weight")])
+def test_filter_config_names_the_bad_option(options, option):
+    with pytest.raises(ValueError, match=f"^{option}:"):
+        FilterConfig(**options)
+
+
+def test_detector_defense_constructor_errors_name_the_argument():
+    _, hist, _, _ = models_and_batch()
+    md, heldout = MDDetector(SnapshotSet([hist])), heldout_batch()
+    with pytest.raises(ValueError, match="^detector:"):
+        DetectorDefense("MD", "drop", heldout)
+    with pytest.raises(ValueError, match="^action: expected one of drop, reweight"):
+        DetectorDefense(md, "flag", heldout)
+    with pytest.raises(ValueError, match="^heldout:"):
+        DetectorDefense(md, "drop", None)
+    with pytest.raises(ValueError, match="^flagged_weight:"):
+        DetectorDefense(md, "reweight", heldout, flagged_weight=2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Argument errors
 # ----------------------------------------------------------------------------------------------------------
 
 def all_defenses(hist):
     return [Defense(), GradientClipping(), SeedAT(), MadryAT(),
             DSC(SnapshotSet([hist]), mode="batch", schedule=ThresholdSchedule("seed")),
-            DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("fixed"))]
+            DSC(SnapshotSet([hist]), mode="sample", schedule=ThresholdSchedule("fixed")),
+            DetectorDefense(MDDetector(SnapshotSet([hist])), "drop", heldout_batch())]
 
 
 def test_bad_batches_are_value_errors_naming_the_argument():

@@ -1,14 +1,22 @@
 """Attacks on the training data.
 
-    base.py          Attack (the interface), PoisonedBatch(x, y, poisoned), ATTACKS (name -> class)
+    base.py          Attack (the interface), PoisonedBatch(x, y, poisoned), AttackData (what the attacker
+                     knows), ATTACKS (name -> class), build_attack
     crafting.py      the gradient-alignment toolkit crafted poisons share
-    accumulative.py  Pang et al.'s accumulative attack ("accumulative") and its options (AttackConfig)
+    accumulative.py  Pang et al.'s accumulative attack ("accumulative", online) and its options (AttackConfig)
+    offline.py       OfflineAttack: a fraction of a training set replaced once, rows drawn without replacement
+    label_flip.py    label flipping ("label-flip", offline; untargeted or source -> target)
+    badnets.py       BadNets ("badnets", offline backdoor: a white corner patch, all-to-one or all-to-all)
 """
 from memdisc.attacks.accumulative import AccumulativeAttack, AttackConfig
-from memdisc.attacks.base import ATTACKS, Attack, PoisonedBatch, build_attack, register_attack
+from memdisc.attacks.badnets import BadNetsAttack, BadNetsConfig
+from memdisc.attacks.base import ATTACKS, KINDS, Attack, AttackData, PoisonedBatch, build_attack, register_attack
 from memdisc.attacks.crafting import (NORM_EPS, accumulative_direction, craft_alignment, crafting_state,
                                       gradient_alignment)
+from memdisc.attacks.label_flip import LabelFlipAttack, LabelFlipConfig
+from memdisc.attacks.offline import OfflineAttack, poison_count
 
-__all__ = ["Attack", "PoisonedBatch", "ATTACKS", "register_attack", "build_attack", "AccumulativeAttack",
-           "AttackConfig", "NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment",
-           "accumulative_direction"]
+__all__ = ["Attack", "PoisonedBatch", "AttackData", "KINDS", "ATTACKS", "register_attack", "build_attack",
+           "AccumulativeAttack", "AttackConfig", "OfflineAttack", "poison_count", "LabelFlipAttack",
+           "LabelFlipConfig", "BadNetsAttack", "BadNetsConfig", "NORM_EPS", "gradient_alignment", "crafting_state",
+           "craft_alignment", "accumulative_direction"]

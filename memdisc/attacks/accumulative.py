@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from memdisc.attacks.base import Attack, PoisonedBatch, register_attack
-from memdisc.checks import check_batch, describe
+from memdisc.attacks.base import Attack, AttackData, PoisonedBatch, register_attack
+from memdisc.checks import describe
 from memdisc.attacks.crafting import (MODES, TERMS, _craft, _direction, _loss, _normalized, _param_grads,
                                       crafting_state)
 from memdisc.config import OptionError, check_choice, check_int, check_number, field
@@ -97,39 +97,31 @@ class AttackConfig:
 
 @register_attack("accumulative")
 class AccumulativeAttack(Attack):
-    """The attacker of the online phase: a poisoned trigger plus one poisoned batch per step.
+    """The attacker of the online phase: a poisoned trigger batch plus one poisoned batch per step.
 
     Args:
         cfg: ``AttackConfig``.
-        x_trigger, y_trigger: ``[B_T, ...]`` / ``[B_T]`` the clean trigger batch ``S_T``.
-        x_val, y_val: ``[N_val, ...]`` / ``[N_val]`` the attacker's validation batch ``S_val``.
+        data: ``AttackData`` with the clean trigger batch ``S_T`` (``x_trigger [B_T, ...]``,
+            ``y_trigger [B_T]``) and the attacker's validation batch ``S_val`` (``x_val [N_val, ...]``,
+            ``y_val [N_val]``).
         seed: integer >= 0; the rows left clean when ``poison_scale < 1`` are a function of (seed, step).
 
-    Use: ``prepare(model)`` once (crafts the trigger), ``poison(model, x, y, step)`` for every
+    Use: ``prepare(model)`` once (crafts the trigger batch), ``poison(model, x, y, step)`` for every
     incoming batch, ``trigger_batch(model)`` for the final trigger step.  The attack's tensors
     follow the device of the model (``prepare``) and of the incoming batch (``poison``).
     """
 
+    kind = "online"
     config_class = AttackConfig
 
-    def __init__(self, cfg: AttackConfig, x_trigger: torch.Tensor, y_trigger: torch.Tensor, x_val: torch.Tensor,
-                 y_val: torch.Tensor, seed: int):
-        if not isinstance(cfg, AttackConfig):
-            raise ValueError(f"cfg: expected an AttackConfig, got {type(cfg).__name__}")
-        check_batch("x_trigger", x_trigger, "y_trigger", y_trigger)
-        check_batch("x_val", x_val, "y_val", y_val)
-        if x_val.shape[1:] != x_trigger.shape[1:] or x_val.dtype != x_trigger.dtype \
-                or x_val.device != x_trigger.device:
-            raise ValueError(f"x_val: expected samples like x_trigger's ({x_trigger.dtype}, "
-                             f"{tuple(x_trigger.shape[1:])}, {x_trigger.device}), got {describe(x_val)} "
-                             f"on {x_val.device}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-        self.cfg = cfg
-        self.seed = seed
-        self.x_trigger, self.y_trigger = x_trigger.detach(), y_trigger.detach()
-        self.x_val, self.y_val = x_val.detach(), y_val.detach()
-        self.trigger_poisoned_mask = self.poison_mask(x_trigger.shape[0], None).to(x_trigger.device)
+    def __init__(self, cfg: AttackConfig, data: AttackData, seed: int):
+        super().__init__(cfg, data, seed)
+        for name, what in (("trigger", "the clean trigger batch S_T"), ("val", "the validation batch S_val")):
+            if getattr(data, "x_" + name) is None:
+                raise ValueError(f"data: the accumulative attack needs {what} (x_{name}, y_{name}), got none")
+        self.x_trigger, self.y_trigger = data.x_trigger.detach(), data.y_trigger.detach()
+        self.x_val, self.y_val = data.x_val.detach(), data.y_val.detach()
+        self.trigger_poisoned_mask = self.poison_mask(self.x_trigger.shape[0], None).to(self.x_trigger.device)
         self._x_trigger_poisoned: torch.Tensor | None = None
 
     def poison_mask(self, batch_size: int, step: int | None) -> torch.Tensor:
@@ -216,10 +208,7 @@ class AccumulativeAttack(Attack):
             unchanged: rows with ``poisoned`` False are bit-identical to x, and
             ``|x_poisoned - x| <= eps``, ``x_poisoned`` in [0, 1].
         """
-        check_batch("x", x, "y", y)
-        if x.shape[1:] != self.x_trigger.shape[1:] or x.dtype != self.x_trigger.dtype:
-            raise ValueError(f"x: expected samples like the trigger's ({self.x_trigger.dtype}, "
-                             f"{tuple(self.x_trigger.shape[1:])}), got {describe(x)}")
+        self.check_received(x, y)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step: expected an integer >= 0, got {step!r}")
         self._require_prepared()

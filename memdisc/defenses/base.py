@@ -3,11 +3,13 @@ A defence never sees which samples are poisoned.
 
 One interface for all of them, usable from any training loop::
 
-    x_train, report = defense.correct(model, x, y, step)   # the batch to train on
-    loss = defense.train_on(model, optimizer, x_train, y)  # one SGD step on it
+    x_train, report = defense.correct(model, x, y, step)           # the batch to train on
+    loss = defense.train_on(model, optimizer, x_train, y, report)  # one SGD step on it
     loss, report = defense.train_step(model, optimizer, x, y, step)  # both: correct + one SGD step
 
-``report`` is a :class:`BatchReport` with per-sample information.  :class:`Defense` is the
+``report`` is a :class:`BatchReport` with per-sample information; its ``keep`` / ``weights``
+(a detector used as a defence, memdisc.defenses.filtering) decide which rows the step trains on
+and how much each counts.  :class:`Defense` is the
 base class and, as it is, ST (train on the batch as received).  The PGD schedule shared by
 the input-space corrections (DSC, AT) is defined here once: ``PGD_ITERS``, ``PGD_STEP_SIZE``,
 ``PGD_EPS``.
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdisc.checks import check_batch
+from memdisc.checks import check_batch, describe
 
 PGD_ITERS = 10
 """Default correction steps per batch of DSC and AT (the seed's)."""
@@ -39,10 +41,10 @@ class BatchReport:
     moved: ``[B]`` bool, rows that the correction changed at least once.
     iterations: ``[B]`` int, correction steps applied to each row.
     threshold: the threshold used for this batch (DSC), else None.
-    keep: ``[B]`` bool, the rows to train on, or None for all of them (a detector used as a
-        filter; no defence sets it yet).
-    weights: ``[B]`` float, per-row loss weights, or None for the plain mean (a detector
-        used to reweight; no defence sets it yet).
+    keep: ``[B]`` bool, the rows to train on, or None for all of them (a detector used to
+        drop rows).
+    weights: ``[B]`` float >= 0, per-row loss weights, or None for the plain mean (a detector
+        used to reweight rows).  :meth:`Defense.train_on` honours both.
     """
     md: torch.Tensor | None
     moved: torch.Tensor
@@ -78,16 +80,38 @@ class Defense:
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                    step: int) -> tuple[torch.Tensor, BatchReport]:
-        """Correct the batch, then one SGD step on it (:meth:`train_on`).  Returns (loss, report)."""
+        """Correct the batch, then one SGD step on it (:meth:`train_on` with the report).  Returns (loss, report)."""
         x_train, report = self.correct(model, x, y, step)
-        return self.train_on(model, optimizer, x_train, y), report
+        return self.train_on(model, optimizer, x_train, y, report), report
 
     def train_on(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_train: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
+                 y: torch.Tensor, report: BatchReport | None = None) -> torch.Tensor:
         """One SGD step on ``x_train`` ([B, ...], the batch ``correct`` returned; y [B]), model in train
-        mode, plain mean CE, gradients through :meth:`clip_gradients`.  Returns the detached loss."""
-        model.train()
-        loss = F.cross_entropy(model(x_train), y)
+        mode, gradients through :meth:`clip_gradients`.  Returns the detached loss.
+
+        With no ``report``, or one whose ``keep`` and ``weights`` are both None: the plain mean CE
+        over every row.  Otherwise the weighted mean over the kept rows K (every row where ``keep``
+        is None; w = 1 where ``weights`` is None):
+
+            loss = sum_{i in K} w_i * CE_i / sum_{i in K} w_i
+
+        Only the kept rows are forwarded (BatchNorm's batch and running statistics see only them).
+        When that denominator is 0 (nothing kept, or every kept weight 0) no step is taken: the
+        model, its mode, the gradients and the optimizer's state stay as they are, and the returned
+        loss is NaN (an empty weighted mean)."""
+        keep = None if report is None else report.keep
+        weights = None if report is None else report.weights
+        if keep is None and weights is None:
+            model.train()
+            loss = F.cross_entropy(model(x_train), y)
+        else:
+            rows, w = _kept_rows(keep, weights, y)
+            total = w.sum()
+            if not bool(total > 0):
+                return torch.full((), float("nan"), device=y.device)
+            model.train()
+            losses = F.cross_entropy(model(x_train[rows]), y[rows], reduction="none")
+            loss = (w.to(losses.dtype) * losses).sum() / total.to(losses.dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.clip_gradients(model)
@@ -100,3 +124,23 @@ class Defense:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+
+
+def _kept_rows(keep: torch.Tensor | None, weights: torch.Tensor | None,
+               y: torch.Tensor) -> tuple[torch.Tensor | slice, torch.Tensor]:
+    """The rows a step trains on (a bool mask, or every row) and their weights ``[K]`` (ones where
+    ``weights`` is None), after checking ``report.keep`` / ``report.weights`` against the batch's labels y."""
+    batch = y.shape[0]
+    if keep is not None and (not isinstance(keep, torch.Tensor) or keep.shape != (batch,)
+                             or keep.dtype != torch.bool or keep.device != y.device):
+        raise ValueError(f"report.keep: expected a bool [{batch}] tensor on {y.device}, got {describe(keep)}")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or weights.shape != (batch,) or not weights.is_floating_point() \
+                or weights.device != y.device:
+            raise ValueError(f"report.weights: expected a floating [{batch}] tensor on {y.device}, "
+                             f"got {describe(weights)}")
+        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("report.weights: expected finite weights >= 0")
+    rows = slice(None) if keep is None else keep
+    w = torch.ones(batch, device=y.device) if weights is None else weights
+    return rows, w[rows]

@@ -1,8 +1,8 @@
 """The defences by name, and the one function that builds any of them from its options.
 
 ``DEFENSES`` maps each name (``--online-defense``, ``compare --defenses``) to a builder;
-:func:`build_defense` takes the component sections (``DSCConfig``, ``BaselineConfig``),
-never a run's whole configuration, so no run module is imported here.  A defence added
+:func:`build_defense` takes the component sections (``DSCConfig``, ``BaselineConfig``,
+``FilterConfig``), never a run's whole configuration, so no run module is imported here.  A defence added
 to ``DEFENSES`` is picked up by the CLI's choices and by the contract tests
 (tests/test_contracts.py).
 """
@@ -18,6 +18,8 @@ from memdisc.defenses.adversarial import MadryAT, SeedAT
 from memdisc.defenses.base import PGD_EPS, PGD_ITERS, PGD_STEP_SIZE, Defense
 from memdisc.defenses.clipping import GradientClipping
 from memdisc.defenses.dsc import DSC, DSCConfig, ThresholdSchedule
+from memdisc.defenses.filtering import DetectorDefense, FilterConfig
+from memdisc.detectors import DETECTORS
 from memdisc.runtime import Precision
 from memdisc.runtime.distributed import LOCAL, Comm
 from memdisc.snapshots import SnapshotSet
@@ -59,8 +61,12 @@ class DefenseContext:
     comm: Comm = LOCAL
 
 
-def _dsc(mode: str) -> Callable[[DSCConfig, BaselineConfig, DefenseContext], Defense]:
-    def build(d: DSCConfig, b: BaselineConfig, ctx: DefenseContext) -> Defense:
+Builder = Callable[[DSCConfig, BaselineConfig, FilterConfig, DefenseContext], Defense]
+"""How ``DEFENSES`` builds a defence from the option sections and the context."""
+
+
+def _dsc(mode: str) -> Builder:
+    def build(d: DSCConfig, b: BaselineConfig, f: FilterConfig, ctx: DefenseContext) -> Defense:
         schedule = ThresholdSchedule(d.threshold, d.tau0, d.slope, d.quantile, d.recalibrate_every)
         return DSC(ctx.snapshots, mode=mode, schedule=schedule, iters=d.iters, step_size=d.step_size, eps=d.eps,
                    reduce=d.reduce, heldout=ctx.heldout, seed=ctx.seed, precision=ctx.precision,
@@ -68,20 +74,34 @@ def _dsc(mode: str) -> Callable[[DSCConfig, BaselineConfig, DefenseContext], Def
     return build
 
 
-DEFENSES: dict[str, Callable[[DSCConfig, BaselineConfig, DefenseContext], Defense]] = {
-    "ST": lambda d, b, ctx: Defense(),
-    "GC": lambda d, b, ctx: GradientClipping(b.gc_norm, b.gc_bound),
-    "AT-seed": lambda d, b, ctx: SeedAT(b.at_iters, b.at_step_size, b.at_eps, b.at_kl_weight, ctx.precision),
-    "AT-madry": lambda d, b, ctx: MadryAT(b.at_iters, b.at_step_size, b.at_eps, ctx.precision),
+def _filter(detector: str, action: str) -> Builder:
+    """The registered ``detector`` (built with its defaults) as a defence that does ``action`` to the rows
+    it flags, its threshold calibrated on the held-out batch."""
+    def build(d: DSCConfig, b: BaselineConfig, f: FilterConfig, ctx: DefenseContext) -> Defense:
+        if ctx.heldout is None:
+            raise ValueError(f"heldout: {detector}-{action} needs the defender's clean held-out batch (x, y)")
+        schedule = ThresholdSchedule("calibrated", quantile=f.quantile, every=f.recalibrate_every)
+        return DetectorDefense(DETECTORS[detector](ctx.snapshots), action, ctx.heldout, schedule, f.flagged_weight,
+                               ctx.comm)
+    return build
+
+
+DEFENSES: dict[str, Builder] = {
+    "ST": lambda d, b, f, ctx: Defense(),
+    "GC": lambda d, b, f, ctx: GradientClipping(b.gc_norm, b.gc_bound),
+    "AT-seed": lambda d, b, f, ctx: SeedAT(b.at_iters, b.at_step_size, b.at_eps, b.at_kl_weight, ctx.precision),
+    "AT-madry": lambda d, b, f, ctx: MadryAT(b.at_iters, b.at_step_size, b.at_eps, ctx.precision),
     "DSC-batch": _dsc("batch"),
     "DSC-sample": _dsc("sample"),
+    "MD-drop": _filter("MD", "drop"),
+    "MD-reweight": _filter("MD", "reweight"),
 }
-"""Every defence by name, in the order ``compare`` runs them."""
+"""Every defence by name (``compare`` runs the ones its ``defenses`` option lists, in this order)."""
 
 
 def build_defense(name: str, ctx: DefenseContext, dsc: DSCConfig | None = None,
-                  baselines: BaselineConfig | None = None) -> Defense:
+                  baselines: BaselineConfig | None = None, filtering: FilterConfig | None = None) -> Defense:
     """The defence ``name`` (a key of ``DEFENSES``) with its options (defaults where None)."""
     if name not in DEFENSES:
         raise ValueError(f"name: expected one of {', '.join(DEFENSES)}, got {name!r}")
-    return DEFENSES[name](dsc or DSCConfig(), baselines or BaselineConfig(), ctx)
+    return DEFENSES[name](dsc or DSCConfig(), baselines or BaselineConfig(), filtering or FilterConfig(), ctx)

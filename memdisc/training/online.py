@@ -176,7 +176,8 @@ class OnlineRun:
         self.attack = None
         if not cfg.control:
             x_val, y_val = (t.to(dev) for t in test.batch(val_idx))
-            self.attack = build_attack("accumulative", *self.trigger_clean, x_val, y_val, cfg.seed, cfg.attack)
+            self.attack = build_attack("accumulative", cfg.seed, cfg.attack, num_classes=test.num_classes, x_val=x_val,
+                                       y_val=y_val, x_trigger=self.trigger_clean[0], y_trigger=self.trigger_clean[1])
         self.stop_error = cfg.stop_error if cfg.stop_error is not None else self.burnin_error + cfg.stop_rise
 
     def _load_burnin_snapshot(self, epoch: int | None) -> dict:
