@@ -7,8 +7,13 @@ work in pixel space.  Outputs are logits [B, num_classes].
 memdisc's own models ("cnn", "resnet18") need nothing beyond torch.  The
 ``tv-*`` victims (:data:`ZOO`) are torchvision.models classifiers, built only
 when torchvision is importable, never downloaded: their weights come from a
-file the user names (:func:`load_weights`).  Every model names its classifier
-head (``head_name``, :func:`classifier_head`).
+file the user names (:func:`load_weights`).
+
+Every model is ``forward(x) == head(features(x))``, bit for bit: ``features(x)`` ->
+``[B, D]`` is the penultimate representation (the input of the final linear layer) and
+``head`` that final ``nn.Linear(D, num_classes)`` (:func:`classifier_head`), so detectors,
+linear probes and the transfer setting (:class:`memdisc.training.victim.TransferVictim`)
+work on any model.
 """
 from __future__ import annotations
 
@@ -49,28 +54,42 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
 class SmallCNN(nn.Module):
     """Two conv blocks and two linear layers; the default for 28x28 inputs.
 
-    conv3x3(in->w) - norm - ReLU - maxpool2 - conv3x3(w->2w) - norm - ReLU - maxpool2
-    - flatten - linear(2w*(H/4)*(W/4) -> hidden) - ReLU - linear(hidden -> classes).
+    ``body``: conv3x3(in->w) - norm - ReLU - maxpool2 - conv3x3(w->2w) - norm - ReLU - maxpool2;
+    ``embed``: flatten - linear(2w*(H/4)*(W/4) -> hidden) - ReLU, giving the features [B, hidden];
+    ``head``: linear(hidden -> classes).
     """
-
-    head_name = "classifier.3"
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, norm: str = "none",
                  width: int = 16, hidden: int = 128, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None):
         super().__init__()
         self.normalize = Normalize(mean or [0.5] * in_channels, std or [0.5] * in_channels)
-        self.features = nn.Sequential(
+        self.body = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=norm == "none"), _norm_layer(norm, width),
             nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1, bias=norm == "none"), _norm_layer(norm, 2 * width),
             nn.ReLU(inplace=True), nn.MaxPool2d(2))
         side = image_size // 4
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, hidden),
-                                        nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(inplace=True))
+        self.head = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] in [0, 1] -> the penultimate representation [B, hidden]."""
+        return self.embed(self.body(self.normalize(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        return self.head(self.features(x))
+
+    # Files written before the models had features()/head (burn-in snapshots, online state) name
+    # ``body`` "features" and ``embed`` + ``head`` "classifier" (indices 0-2, 3); their keys are
+    # renamed on load, so those runs load unchanged.
+    _RENAMED = (("features.", "body."), ("classifier.1.", "embed.1."), ("classifier.3.", "head."))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in self._RENAMED:
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class BasicBlock(nn.Module):
@@ -94,9 +113,7 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """The seed's CIFAR ResNet-18: 3x3 stride-1 stem, four stages of two basic blocks
-    (64, 128, 256, 512 channels), global average pooling, linear head."""
-
-    head_name = "head"
+    (64, 128, 256, 512 channels), global average pooling (the features [B, 512]), linear head."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, norm: str = "bn",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
@@ -112,9 +129,12 @@ class ResNet18(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(512, num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] in [0, 1] -> the globally pooled last stage [B, 512]."""
+        return F.adaptive_avg_pool2d(self.layers(self.stem(self.normalize(x))), 1).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(self.stem(self.normalize(x)))
-        return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return self.head(self.features(x))
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -203,6 +223,10 @@ class ZooVictim(nn.Module):
     gradient of weight gradients), so ``net``'s hard-swish/-sigmoid modules (MobileNetV3) are
     replaced by the same functions in plain ops, and attention (ViT) runs PyTorch's math kernel:
     the fused attention kernels have no second derivative.
+
+    ``head`` is ``net``'s final linear layer (``ZooArch.head``, the last operation of every
+    architecture), ``features(x)`` its input (captured by a forward pre-hook, so ``net`` keeps its
+    state_dict keys and runs once; in train mode that input is after the network's dropout).
     """
 
     def __init__(self, name: str, num_classes: int, image_size: int):
@@ -210,7 +234,7 @@ class ZooVictim(nn.Module):
         import torchvision.models
 
         arch = ZOO[name]
-        self.name, self.head_name = name, "net." + arch.head
+        self.name = name
         self.input_size = arch.input_size if arch.fixed else max(image_size, arch.input_size)
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.net = getattr(torchvision.models, name[len("tv-"):])(weights=None, num_classes=num_classes)
@@ -219,12 +243,26 @@ class ZooVictim(nn.Module):
                 if type(child) in _TWICE_DIFFERENTIABLE:
                     setattr(parent, child_name, _TWICE_DIFFERENTIABLE[type(child)]())
 
+    @property
+    def head(self) -> nn.Linear:
+        return self.net.get_submodule(ZOO[self.name].head)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x.expand(-1, 3, -1, -1))
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         with sdpa_kernel(SDPBackend.MATH):
             return self.net(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] in [0, 1] -> the input of ``head`` [B, D] (the head's own output is discarded)."""
+        captured = []
+        hook = self.head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.forward(x)
+        finally:
+            hook.remove()
+        return captured[0]
 
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
@@ -234,9 +272,18 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 }
 
 
-def classifier_head(model: nn.Module) -> nn.Module:
-    """The final linear layer of a model built by :func:`build_model` (what a transfer set-up retrains)."""
-    return model.get_submodule(model.head_name)
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """``model.head``: the final linear layer of a model built by :func:`build_model` (or of a
+    :class:`memdisc.training.victim.TransferVictim`), what a transfer set-up retrains.
+
+    Raises:
+        ValueError: naming ``model`` when it has no linear ``head``.
+    """
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"model: expected a memdisc model with a linear head (build_model, TransferVictim), got "
+                         f"{type(model).__name__} whose head is {type(head).__name__}")
+    return head
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, norm: str = "auto",
@@ -320,7 +367,7 @@ def load_weights(model: nn.Module, path: str | Path) -> str:
         raise ValueError(f"{shown}: not a state_dict (a dict of parameter name -> tensor); save net.state_dict() "
                          f"of the torchvision {model.name[len('tv-'):]}")
     own = model.net.state_dict()
-    head = model.head_name[len("net."):] + "."
+    head = ZOO[model.name].head + "."
     fresh = [k for k in own if k.startswith(head) and k in state and state[k].shape != own[k].shape]
     # BatchNorm fills a missing num_batches_tracked (files older than PyTorch 0.4.1 lack it)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

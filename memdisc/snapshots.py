@@ -9,6 +9,11 @@ forwards"): on CUDA the parameters are stacked (``torch.func.stack_module_state`
 and the forward is vmapped over K, one batched call instead of K launches per
 layer; on CPU a plain loop over the K networks measured faster, so
 ``vmap="auto"`` picks by device.
+
+Snapshots of a transfer victim (:class:`memdisc.training.victim.TransferVictim`) share its
+frozen backbone (:func:`memdisc.training.victim.frozen_copy`): K snapshots hold K heads, the
+ring history records heads only, and when every slot has that one backbone the features are
+computed once per batch and only the K heads run (looped or vmapped).
 """
 from __future__ import annotations
 
@@ -20,13 +25,22 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from memdisc.ops import discrepancy
+from memdisc.training.victim import TransferVictim, frozen_copy, trained_module
+
+
+def _shared_backbone(models: list[nn.Module]) -> nn.Module | None:
+    """The one backbone every model is a :class:`TransferVictim` of, or None."""
+    if models and all(isinstance(m, TransferVictim) and m.backbone is models[0].backbone for m in models):
+        return models[0].backbone
+    return None
 
 
 class SnapshotSet:
     """K frozen historical networks, all in eval mode.
 
     Args:
-        models: the fixed snapshots (e.g. burn-in epochs), same architecture.
+        models: the fixed snapshots (e.g. burn-in epochs), same architecture; copied
+            (:func:`~memdisc.training.victim.frozen_copy`: a transfer victim's backbone is shared).
         ring_lags: for each lag N in this list, one more slot that holds the
             online model as it was N calls of :meth:`observe` ago (until N
             observations exist it holds the oldest one seen).
@@ -42,10 +56,11 @@ class SnapshotSet:
             raise ValueError(f"vmap: expected True, False or 'auto', got {vmap!r}")
         self.ring_lags = tuple(int(n) for n in ring_lags)
         self.vmap = vmap
-        self._fixed = [copy.deepcopy(m).eval().requires_grad_(False) for m in models]
+        self._fixed = [frozen_copy(m) for m in models]
         self._ring_models: list[nn.Module] = []
         self._history: collections.deque = collections.deque(maxlen=max(self.ring_lags, default=0) + 1)
         self._stacked = None
+        self._backbone = _shared_backbone(self._fixed)
 
     def __len__(self) -> int:
         return len(self._fixed) + len(self.ring_lags)
@@ -55,17 +70,24 @@ class SnapshotSet:
         """The K networks in slot order (fixed first, then ring slots)."""
         return self._fixed + self._ring_models
 
+    def _nets(self) -> list[nn.Module]:
+        """What runs per slot on the forward's input: the heads over the shared backbone's features
+        when there is one, else the K networks on x."""
+        return self.models if self._backbone is None else [m.head for m in self.models]
+
     def observe(self, model: nn.Module) -> None:
-        """Record the online model's current state (call once per online step, before the update)."""
+        """Record the online model's current state (call once per online step, before the update);
+        of a transfer victim only the head's (:func:`~memdisc.training.victim.trained_module`)."""
         if not self.ring_lags:
             return
-        self._history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        self._history.append({k: v.detach().clone() for k, v in trained_module(model).state_dict().items()})
         if not self._ring_models:
-            self._ring_models = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.ring_lags]
+            self._ring_models = [frozen_copy(model) for _ in self.ring_lags]
+            self._backbone = _shared_backbone(self.models)
         with torch.no_grad():
             for net, lag in zip(self._ring_models, self.ring_lags):
                 state = self._history[max(0, len(self._history) - 1 - lag)]
-                for name, t in net.state_dict().items():
+                for name, t in trained_module(net).state_dict().items():
                     t.copy_(state[name])
             self._refresh_stack()
 
@@ -76,15 +98,16 @@ class SnapshotSet:
             return
         params, buffers, _ = self._stacked
         first = len(self._fixed)
-        for j, net in enumerate(self._ring_models):
+        for j, net in enumerate(self._nets()[first:]):
             for name, t in net.named_parameters():
                 params[name][first + j].copy_(t)
             for name, t in net.named_buffers():
                 buffers[name][first + j].copy_(t)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the snapshot forward reads (the networks', and the stacked copies once built)."""
-        out = [t for m in self.models for t in (*m.parameters(), *m.buffers())]
+        """Every tensor the snapshot forward reads, each once (the networks', a shared backbone's
+        once, and the stacked copies once built)."""
+        out = list({id(t): t for m in self.models for t in (*m.parameters(), *m.buffers())}.values())
         if self._stacked is not None:
             out += [*self._stacked[0].values(), *self._stacked[1].values()]
         return out
@@ -107,9 +130,9 @@ class SnapshotSet:
 
     def _stack(self):
         if self._stacked is None:
-            models = self.models
-            params, buffers = stack_module_state(models)
-            base = copy.deepcopy(models[0]).to("meta")
+            nets = self._nets()
+            params, buffers = stack_module_state(nets)
+            base = copy.deepcopy(nets[0]).to("meta")
 
             def one(p, b, x):
                 return functional_call(base, (p, b), (x,))
@@ -128,13 +151,13 @@ class SnapshotSet:
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every snapshot on ``x`` [B, ...]: ``[K, B, C]`` (no grad)."""
-        models = self.models
-        if len(models) != len(self):
+        if len(self.models) != len(self):
             raise RuntimeError("SnapshotSet: ring slots are empty; call observe(model) before logits()")
+        inputs = x if self._backbone is None else self._backbone.features(x)
         if not self._uses_vmap(x):
-            return torch.stack([m(x) for m in models])
+            return torch.stack([net(inputs) for net in self._nets()])
         params, buffers, fn = self._stack()
-        return fn(params, buffers, x)
+        return fn(params, buffers, inputs)
 
     def discrepancy(self, current_logits: torch.Tensor, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Per-sample MD of every snapshot: ``[K, B]`` = KL(p_snapshot(x) || softmax(current_logits / T))."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from memdisc.artifacts import load_snapshot, model_from_snapshot, save_snapshot
 from memdisc.cli import main
 from memdisc.config import build
 from memdisc.models import MODELS, ZOO, build_model, classifier_head, load_weights
@@ -121,11 +122,77 @@ def test_input_gradient_matches_finite_difference(norm):
     assert slope.item() == pytest.approx(grad.norm().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("name, head", [("cnn", "classifier.3"), ("resnet18", "head")])
-def test_classifier_head_is_the_last_linear_layer(name, head):
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_classifier_head_is_the_last_linear_layer(name):
     model = build_model(name, 3, 10, 32)
-    assert classifier_head(model) is model.get_submodule(head)
-    assert isinstance(classifier_head(model), nn.Linear) and classifier_head(model).out_features == 10
+    assert classifier_head(model) is model.head
+    assert isinstance(model.head, nn.Linear) and model.head.out_features == 10
+    assert list(model.parameters())[-2:] == list(model.head.parameters())  # the last layer created
+    with pytest.raises(ValueError, match=r"^model: expected a memdisc model with a linear head .* got Sequential "
+                                         r"whose head is NoneType$"):
+        classifier_head(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "none"])
+@pytest.mark.parametrize("name, channels, classes, size", [("cnn", 1, 10, 28), ("cnn", 3, 100, 32),
+                                                           ("resnet18", 3, 10, 32)])
+def test_forward_is_head_of_features_bit_for_bit(name, channels, classes, size, norm):
+    """``features(x)`` is the head's input [B, D] and ``forward(x) == head(features(x))`` exactly, in both
+    modes (train mode: the same batch statistics, so the same bits)."""
+    torch.manual_seed(0)
+    model = build_model(name, channels, classes, size, norm=norm)
+    x = _pixels(4, channels, size)
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            z = model.features(x)
+            assert z.shape == (4, model.head.in_features) and z.dtype == torch.float32
+            assert torch.equal(model(x), model.head(z))
+    x = x.requires_grad_(True)  # and the input gradient flows through features
+    (grad,) = torch.autograd.grad(model.features(x).square().sum(), x)
+    assert (grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_small_cnn_layers_and_parameter_order():
+    """body / embed / head, created in this order: parameter order and seeded initialisation are those of
+    the earlier layout (features / classifier), whose files load unchanged (next test)."""
+    model = build_model("cnn", 1, 10, 28, norm="bn")
+    assert [n for n, _ in model.named_parameters()] == [
+        "body.0.weight", "body.1.weight", "body.1.bias", "body.4.weight", "body.5.weight", "body.5.bias",
+        "embed.1.weight", "embed.1.bias", "head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_small_cnn_loads_a_state_dict_of_the_earlier_layer_names(norm, tmp_path):
+    """A burn-in snapshot written before the rename (keys features.*, classifier.1.*, classifier.3.*) loads
+    into today's SmallCNN with every tensor in place, through the snapshot loader and nested in a module."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 10, 28, norm=norm)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t))  # every tensor distinct from a fresh model's
+    old_names = {"body.": "features.", "embed.1.": "classifier.1.", "head.": "classifier.3."}
+
+    def old(key: str) -> str:
+        for new, before in old_names.items():
+            if key.startswith(new):
+                return before + key[len(new):]
+        return key
+    old_state = {old(k): v.clone() for k, v in model.state_dict().items()}
+    assert "features.0.weight" in old_state and "classifier.3.weight" in old_state
+    spec = {"name": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 28, "norm": norm}
+    save_snapshot(tmp_path / "old.pt", model=model, model_spec=spec, epoch=1, test_error=0.5, config={}, seed=0)
+    payload = load_snapshot(tmp_path / "old.pt")
+    payload["state_dict"] = old_state
+    loaded = model_from_snapshot(payload)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert old_state.keys() == {old(k) for k in model.state_dict()}  # the caller's dict is not changed
+    wrapper = nn.Sequential(build_model("cnn", 1, 10, 28, norm=norm))
+    wrapper.load_state_dict({"0." + k: v for k, v in old_state.items()})
+    x = _pixels(2, 1, 28)
+    assert torch.equal(wrapper.eval()(x), model.eval()(x))
 
 
 # The torchvision victims without torchvision (the CPU-torch path; simulated, so these run under either torch).

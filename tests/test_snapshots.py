@@ -1,9 +1,11 @@
 """memdisc.snapshots: K historical networks evaluated together, the ring of lagged online models,
-per-sample discrepancy against all of them and the reductions over K.
+per-sample discrepancy against all of them, and snapshots of a transfer victim (K heads, one backbone).
 
 Small CNNs (memdisc.models "cnn", BatchNorm, 1x8x8 inputs, 10 classes) keep every test far below a second.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from memdisc.models import build_model
 from memdisc.ops import discrepancy
 from memdisc.snapshots import SnapshotSet
+from memdisc.training.victim import TransferVictim
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: faster on busy cores
 
@@ -181,3 +184,71 @@ def test_state_dict_round_trip_restores_the_ring():
     c.observe(online)
     a.observe(online)
     assert (c.logits(x)[2] - a.logits(x)[2]).abs().max() > 1e-3
+
+
+# Snapshots of a transfer victim: K heads over one shared frozen backbone.
+
+def transfer_victims(k: int) -> list[TransferVictim]:
+    """K transfer victims on one backbone, each head moved differently (historical heads)."""
+    backbone = make_cnn(0)
+    victims = []
+    for seed in range(k):
+        victim = TransferVictim(backbone)
+        perturb_(victim.head, 50 + seed)
+        victims.append(victim)
+    return victims
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+@pytest.mark.parametrize("vmap", [False, True])
+def test_transfer_snapshots_share_the_backbone_and_hold_heads(vmap):
+    """The logits equal those of full deep copies (bit for bit on the loop); the snapshots' backbone is the
+    victims' one object, so the memory the set holds is one backbone and K heads."""
+    victims = transfer_victims(3)
+    backbone = victims[0].backbone
+    snaps = SnapshotSet(victims, vmap=vmap)
+    full = SnapshotSet([copy.deepcopy(v) for v in victims], vmap=False)  # three whole networks
+    assert all(m.backbone is backbone for m in snaps.models)
+    assert all(m.backbone is not backbone for m in full.models)
+    x = batch()
+    out = snaps.logits(x)
+    assert out.shape == (3, 12, 10)
+    if vmap:
+        torch.testing.assert_close(out, full.logits(x), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out, full.logits(x))
+    assert (out[0] - out[1]).abs().max() > 1e-2  # the heads differ
+    head_bytes = _bytes(victims[0].head.parameters())
+    held = _bytes(t for m in snaps.models for t in (*m.parameters(), *m.buffers()))
+    assert held == _bytes([*backbone.parameters(), *backbone.buffers()]) + 3 * head_bytes
+    assert _bytes(snaps.tensors()) == held + (3 * head_bytes if vmap else 0)  # the stack: heads only
+
+
+@pytest.mark.parametrize("vmap", [False, True])
+def test_transfer_ring_records_heads_and_follows_the_victim(vmap):
+    """observe() of a transfer victim keeps its head's state only; the lagged slots share the backbone and
+    hold the head as observed N calls ago; the vmapped stack is refreshed in place."""
+    online, fixed = transfer_victims(2)  # on one backbone, as a transfer run's fixed heads and online victim
+    snaps = SnapshotSet([fixed], ring_lags=(1, 2), vmap=vmap)
+    x = batch()
+    seen, storage = [], None
+    for t in range(4):
+        snaps.observe(online)
+        seen.append(own_logits([online], x)[0])
+        out = snaps.logits(x)
+        torch.testing.assert_close(out[1], seen[max(0, t - 1)], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out[2], seen[max(0, t - 2)], rtol=1e-6, atol=1e-6)
+        perturb_(online.head, 70 + t)
+        ptrs = [p.data_ptr() for p in snaps.tensors()]
+        assert storage is None or ptrs == storage
+        storage = ptrs
+    assert all(m.backbone is online.backbone for m in snaps.models)
+    assert all(h.keys() == {"weight", "bias"} for h in snaps.state_dict()["history"])
+    restored = SnapshotSet([fixed], ring_lags=(1, 2), vmap=vmap)
+    restored.load_state_dict(snaps.state_dict())
+    snaps.observe(online)
+    restored.observe(online)
+    torch.testing.assert_close(restored.logits(x), snaps.logits(x), rtol=0, atol=0)

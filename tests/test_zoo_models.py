@@ -1,5 +1,5 @@
 """The torchvision victims (memdisc.models.ZOO): shapes on Fashion-MNIST and CIFAR inputs, the input
-adapter, the classifier head, weights files (round trip, a head of another class count, clear
+adapter, the classifier head and forward == head(features(x)), weights files (round trip, a head of another class count, clear
 errors) and a burn-in from the command line.  Skipped without torchvision (the CPU-torch path:
 tests/test_models.py checks the error there)."""
 from __future__ import annotations
@@ -30,7 +30,8 @@ def test_builds_runs_and_is_twice_differentiable(name, channels, classes, size):
     model = build_model(name, channels, classes, size)
     assert isinstance(model, ZooVictim) and model.name == name
     head = classifier_head(model)
-    assert isinstance(head, nn.Linear) and head.out_features == classes
+    assert isinstance(head, nn.Linear) and head.out_features == classes and head is model.head
+    assert head is model.net.get_submodule(ZOO[name].head)
     assert model.input_size == (224 if name == "tv-vit_b_16" else 32)  # raised to what the network takes
     vit = name == "tv-vit_b_16"
     if vit and channels == 3:
@@ -43,6 +44,22 @@ def test_builds_runs_and_is_twice_differentiable(name, channels, classes, size):
                                   next(model.net.parameters()), create_graph=True)
     (grad_x,) = torch.autograd.grad(grad.square().sum(), x)
     assert torch.isfinite(grad_x).all() and (grad_x.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_forward_is_head_of_features_bit_for_bit(name):
+    """``features(x)`` is the head's input ``[B, D]`` (captured, the network's state_dict keys unchanged) and
+    ``forward(x) == head(features(x))`` exactly (eval mode: the networks' dropout is off)."""
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10, 28).eval()
+    nn.init.normal_(model.head.weight, std=0.1)  # ViT's zero-initialised head would make any logits equal
+    assert all(k.startswith(("normalize.", "net.")) for k in model.state_dict())
+    x = _pixels((1 if name == "tv-vit_b_16" else 3, 1, 28, 28))
+    with torch.no_grad():
+        z = model.features(x)
+        assert z.shape == (x.shape[0], model.head.in_features) and torch.isfinite(z).all()
+        assert torch.equal(model(x), model.head(z))
+        assert not model.head._forward_pre_hooks  # the capture hook is removed
 
 
 def test_input_adapter_is_repeat_normalise_resize():

@@ -10,7 +10,8 @@ a crafting problem is signed steps on one objective of an input batch ``X`` (lab
 for a constant direction ``D`` (one tensor per parameter, computed once per batch).  Each
 step is ``memdisc.ops.pgd_step_`` (sign, step, L-inf projection, [0, 1] clamp, only rows of
 the ``active`` mask), and the loop never reads a value back to the host.  Gradients are taken
-w.r.t. every parameter of the model (as the seed).  ``accumulative_direction`` is the
+w.r.t. the victim's trainable parameters (``memdisc.training.victim.trainable_parameters``: every
+parameter of a plain model, as the seed; the head of a transfer victim).  ``accumulative_direction`` is the
 direction of Pang et al.'s accumulative objective H (memdisc.attacks.accumulative);
 ``memdisc.oracle.seed`` holds the plain port of the seed code these functions are tested
 against.
@@ -29,6 +30,7 @@ from torch import nn
 
 from memdisc.checks import check_batch
 from memdisc.ops import pgd_step_
+from memdisc.training.victim import trainable_parameters
 
 __all__ = ["NORM_EPS", "TERMS", "MODES", "gradient_alignment", "crafting_state", "craft_alignment",
            "accumulative_direction"]
@@ -88,31 +90,26 @@ def gradient_alignment(grads_a: Sequence[torch.Tensor], grads_b: Sequence[torch.
 def crafting_state(model: nn.Module, mode: str = "eval") -> Iterator[list[nn.Parameter]]:
     """Put ``model`` in crafting state for the block and restore it afterwards.
 
-    Inside: every module in ``mode`` ("eval" or "train") and every parameter with
-    ``requires_grad=True``.  On exit every module's training flag and every
-    parameter's requires_grad flag are restored; with ``mode="train"`` the buffers
-    (BatchNorm running statistics) are restored too, so crafting never changes the
-    victim.  Yields ``list(model.parameters())``.  Crafting takes gradients with
+    Inside: the model in ``mode`` ("eval" or "train", through ``model.train``, so a transfer
+    victim's frozen backbone stays in eval mode).  On exit every module's training flag is
+    restored; with ``mode="train"`` the buffers (BatchNorm running statistics) are restored too,
+    so crafting never changes the victim.  Yields the parameters crafting differentiates, the
+    victim's trainable ones (``trainable_parameters(model)``).  Crafting takes gradients with
     ``torch.autograd.grad``, so the parameters' ``.grad`` is never written.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    params = list(model.parameters())
+    params = trainable_parameters(model)
     if not params:
-        raise ValueError("model: expected a module with parameters")
+        raise ValueError("model: expected a module with trainable parameters (requires_grad)")
     flags = [(m, m.training) for m in model.modules()]
-    needs_grad = [p.requires_grad for p in params]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "train" else []
     try:
         model.train(mode == "train")
-        for p in params:
-            p.requires_grad_(True)
         yield params
     finally:
         for m, training in flags:
             m.training = training
-        for p, flag in zip(params, needs_grad):
-            p.requires_grad_(flag)
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
@@ -153,7 +150,8 @@ def craft_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, directio
 
     Args:
         x: ``[B, ...]`` pixels in [0, 1]; y: ``[B]`` class indices.
-        direction: one constant tensor ``D_l`` per parameter, in ``model.parameters()`` order.
+        direction: one constant tensor ``D_l`` per trainable parameter, in ``trainable_parameters(model)``
+            order.
         active: optional ``[B]`` bool on x's device; rows with False come back bit-identical.
         mode: the model's mode while crafting ("eval" as the seed, or "train").
     Returns:
@@ -162,7 +160,7 @@ def craft_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, directio
     check_batch("x", x, "y", y)
     with crafting_state(model, mode) as params:
         direction = list(direction)
-        _check_lists("model.parameters()", params, "direction", direction)
+        _check_lists("trainable_parameters(model)", params, "direction", direction)
         return _craft(model, params, x, y, direction, eps=eps, steps=steps, step_size=step_size,
                       ascent=ascent, active=active)
 
@@ -186,7 +184,7 @@ def _direction(model: nn.Module, params: list[torch.Tensor], x, y, x_val, y_val,
 def accumulative_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_trigger: torch.Tensor,
                            y_trigger: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
                            gamma: float = 1.0, terms: str = "both", mode: str = "eval") -> list[torch.Tensor]:
-    """The constant direction ``D`` of the accumulative objective H, one tensor per parameter.
+    """The constant direction ``D`` of the accumulative objective H, one tensor per trainable parameter.
 
     ``D_l = gamma * n(grad_theta_l CE(x, y)) + n(G_l)``, ``G = grad_theta A(CE(x_trigger), CE(x_val))``;
     ``terms="first"`` keeps only the gamma term, ``"second"`` only the G term.

@@ -1,0 +1,205 @@
+"""The offline settings: training on a fixed (possibly poisoned) training set held in memory.
+
+* :func:`train_end_to_end`: every trainable parameter of a model trains on the images;
+* :func:`train_transfer`: only a :class:`~memdisc.training.victim.TransferVictim`'s head trains, on
+  its frozen backbone's features, computed once.
+
+Both are plain functions over tensors (no files, nothing global changed), for a study that trains
+one victim per cell.  With ``N`` training samples, each epoch draws the order
+``torch.randperm(N)`` from one generator seeded with ``seed`` and takes SGD steps (``lr``,
+``momentum``, ``weight_decay``) on the mean cross-entropy of consecutive minibatches of
+``batch_size`` (the last one smaller); the global RNG (dropout) is seeded with ``seed`` inside and
+restored afterwards, so a run is a function of its inputs and options.  After each epoch the
+validation loss ``L_val = sum_i CE(f(x_i), y_i) / N_val`` (eval mode) is measured; training stops
+after ``patience`` epochs without a lower one, and the model ends with the parameters and buffers of
+the epoch of lowest ``L_val`` (:class:`TrainingLog`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from memdisc.checks import check_batch, describe
+from memdisc.config import check_int, check_number, check_seed, field
+from memdisc.eval.classification import eval_mode
+from memdisc.models import classifier_head
+from memdisc.training.victim import TransferVictim, trainable_parameters
+
+__all__ = ["OfflineConfig", "TrainingLog", "train_end_to_end", "train_transfer"]
+
+
+@dataclasses.dataclass
+class OfflineConfig:
+    """The options of end-to-end and transfer training."""
+
+    epochs: int = field(30, "maximum training epochs")
+    batch_size: int = field(128, "minibatch size (also of the evaluation and feature passes)")
+    lr: float = field(0.05, "SGD learning rate")
+    momentum: float = field(0.9, "SGD momentum")
+    weight_decay: float = field(1e-4, "SGD weight decay")
+    patience: int | None = field(5, "stop after N epochs without a lower validation loss (none: train every "
+                                    "epoch; the best epoch's weights are kept either way)")
+    seed: int = field(0, "random seed of the data order and of dropout")
+
+    def __post_init__(self):
+        """Counts >= 1 (patience: or none); lr > 0, momentum and weight decay >= 0, finite; a seed in
+        [0, 2**32)."""
+        check_int("epochs", self.epochs)
+        check_int("batch_size", self.batch_size)
+        check_number("lr", self.lr, 0.0, strict=True)
+        check_number("momentum", self.momentum, 0.0)
+        check_number("weight_decay", self.weight_decay, 0.0)
+        if self.patience is not None:
+            check_int("patience", self.patience)
+        check_seed("seed", self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingLog:
+    """What one offline training did, one entry per epoch run (epoch e at index e - 1).
+
+    Attributes:
+        train_loss: the mean minibatch cross-entropy over the epoch, weighted by minibatch size.
+        val_loss: ``L_val`` after the epoch; val_error: the top-1 error on the validation set.
+        best_epoch: the epoch (from 1) of lowest ``L_val``, whose weights the model holds.
+        stopped_early: True when ``patience`` ended training before ``epochs``.
+    """
+
+    train_loss: tuple[float, ...]
+    val_loss: tuple[float, ...]
+    val_error: tuple[float, ...]
+    best_epoch: int
+    stopped_early: bool
+
+
+def _check_data(net_name: str, head: nn.Linear, x_train, y_train, x_val, y_val) -> None:
+    """Labelled batches of the same sample shape, not empty, labels in [0, classes of ``head``)."""
+    for name_x, x, name_y, y in (("x_train", x_train, "y_train", y_train), ("x_val", x_val, "y_val", y_val)):
+        check_batch(name_x, x, name_y, y)
+        if x.shape[0] == 0:
+            raise ValueError(f"{name_x}: expected at least one sample, got {describe(x)}")
+        if int(y.min()) < 0 or int(y.max()) >= head.out_features:
+            raise ValueError(f"{name_y}: expected class indices in [0, {head.out_features}) (the classes of the "
+                             f"{net_name}'s head), got values in [{int(y.min())}, {int(y.max())}]")
+    if x_val.shape[1:] != x_train.shape[1:]:
+        raise ValueError(f"x_val: expected samples of x_train's shape {tuple(x_train.shape[1:])}, got "
+                         f"{tuple(x_val.shape[1:])}")
+
+
+def _check_options(name: str, net: nn.Module, cfg, progress) -> OfflineConfig:
+    """``cfg`` (None: the defaults), ``progress`` a bool, and ``net`` (the argument ``name``) with
+    trainable parameters."""
+    if cfg is not None and not isinstance(cfg, OfflineConfig):
+        raise ValueError(f"cfg: expected an OfflineConfig, got {describe(cfg)}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress: expected a bool, got {describe(progress)}")
+    if not trainable_parameters(net):
+        raise ValueError(f"{name}: expected a module with trainable parameters (requires_grad)")
+    return OfflineConfig() if cfg is None else cfg
+
+
+@torch.no_grad()
+def _validate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+              device: torch.device) -> tuple[float, float]:
+    """``(L_val, top-1 error)`` of ``net`` in eval mode (restored afterwards)."""
+    loss, wrong = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    with eval_mode(net):
+        for i in range(0, x.shape[0], batch_size):
+            yb = y[i:i + batch_size].to(device)
+            logits = net(x[i:i + batch_size].to(device))
+            loss += F.cross_entropy(logits, yb, reduction="sum")
+            wrong += (logits.argmax(1) != yb).sum()
+    return loss.item() / x.shape[0], wrong.item() / x.shape[0]
+
+
+def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+         cfg: OfflineConfig, desc: str, progress: bool) -> TrainingLog:
+    """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``."""
+    params = trainable_parameters(net)
+    device = params[0].device
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    log = {"train_loss": [], "val_loss": [], "val_error": []}
+    best_epoch, best_state, stopped = 0, None, False
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
+        for epoch in bar:
+            net.train()
+            order = torch.randperm(x.shape[0], generator=order_gen)
+            total = torch.zeros((), device=device)
+            for start in range(0, x.shape[0], cfg.batch_size):
+                index = order[start:start + cfg.batch_size]
+                yb = y[index].to(device, non_blocking=True)
+                loss = F.cross_entropy(net(x[index].to(device, non_blocking=True)), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * yb.shape[0]
+            val_loss, val_error = _validate(net, x_val, y_val, cfg.batch_size, device)
+            for key, value in zip(log, (total.item() / x.shape[0], val_loss, val_error)):
+                log[key].append(value)
+            bar.set_postfix(val_loss=f"{val_loss:.4f}", val_error=f"{val_error:.4f}")
+            if best_state is None or val_loss < log["val_loss"][best_epoch - 1]:
+                best_epoch, best_state = epoch, {k: v.detach().clone() for k, v in net.state_dict().items()}
+            elif cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+                stopped = epoch < cfg.epochs
+                break
+    net.load_state_dict(best_state)
+    return TrainingLog(**{k: tuple(v) for k, v in log.items()}, best_epoch=best_epoch, stopped_early=stopped)
+
+
+def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                     y_val: torch.Tensor, cfg: OfflineConfig | None = None, *, progress: bool = False) -> TrainingLog:
+    """Train ``model`` (every trainable parameter; a model of :mod:`memdisc.models`) on the images, in place.
+
+    Args:
+        model: the victim, on the device to train on; ends with its best epoch's parameters and buffers.
+        x_train: float ``[N, C, H, W]`` pixels in [0, 1]; y_train: int64 ``[N]`` class indices on x_train's
+            device (any device: minibatches move to the model's).  x_val, y_val: the same for the
+            validation set (early stopping).
+        cfg: the options (default ``OfflineConfig()``); progress: a bar over the epochs.
+    Returns:
+        the :class:`TrainingLog`.
+    Raises:
+        ValueError: naming the argument (``model`` without a linear head or trainable parameters, bad
+            batches, labels outside the head's classes, ``cfg``).
+    """
+    _check_data("model", classifier_head(model), x_train, y_train, x_val, y_val)
+    cfg = _check_options("model", model, cfg, progress)
+    return _fit(model, x_train, y_train, x_val, y_val, cfg, "end-to-end", progress)
+
+
+@torch.no_grad()
+def _features(victim: TransferVictim, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``victim.features`` of every row of ``x`` ``[N, D]`` on ``device`` (the backbone is in eval mode)."""
+    return torch.cat([victim.features(x[i:i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)])
+
+
+def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                   y_val: torch.Tensor, cfg: OfflineConfig | None = None, *, progress: bool = False) -> TrainingLog:
+    """Train a transfer victim's head on its frozen backbone's features, in place.
+
+    The backbone is frozen and in eval mode and the images are not augmented, so each sample's
+    features are fixed: they are computed once (``[N, D]`` on the head's device) and the head trains
+    on them, which is training the victim on the images with the same order and steps, without N
+    backbone forwards per epoch.
+
+    Args and returns: as :func:`train_end_to_end`, with ``victim`` a
+    :class:`~memdisc.training.victim.TransferVictim` (e.g. ``TransferVictim(trained_model)``).
+    Raises:
+        ValueError: naming the argument (``victim`` not a TransferVictim, bad batches, labels outside
+            the head's classes, ``cfg``).
+    """
+    if not isinstance(victim, TransferVictim):
+        raise ValueError(f"victim: expected a TransferVictim (TransferVictim(model) freezes a trained model's "
+                         f"features under a trainable head), got {describe(victim)}")
+    _check_data("victim", victim.head, x_train, y_train, x_val, y_val)
+    cfg = _check_options("victim", victim.head, cfg, progress)
+    device = victim.head.weight.device
+    z_train, z_val = (_features(victim, x, cfg.batch_size, device) for x in (x_train, x_val))
+    return _fit(victim.head, z_train, y_train.to(device), z_val, y_val.to(device), cfg, "transfer", progress)
