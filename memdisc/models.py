@@ -9,7 +9,7 @@ memdisc's own models ("cnn", "resnet18") need nothing beyond torch.  The
 when torchvision is importable, never downloaded: their weights come from a
 file the user names (:func:`load_weights`).
 
-Every model is ``forward(x) == head(features(x))``, bit for bit: ``features(x)`` ->
+Every model computes ``forward(x) == head(features(x))``, bit for bit: ``features(x)`` ->
 ``[B, D]`` is the penultimate representation (the input of the final linear layer) and
 ``head`` that final ``nn.Linear(D, num_classes)`` (:func:`classifier_head`), so detectors,
 linear probes and the transfer setting (:class:`memdisc.training.victim.TransferVictim`)

@@ -11,6 +11,7 @@ from torch import nn
 from memdisc.artifacts import load_snapshot, model_from_snapshot
 from memdisc.cli import main
 from memdisc.models import IMAGENET_MEAN, IMAGENET_STD, ZOO, ZooVictim, build_model, classifier_head, load_weights
+from memdisc.training.victim import TransferVictim, trainable_parameters
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -60,6 +61,20 @@ def test_forward_is_head_of_features_bit_for_bit(name):
         assert z.shape == (x.shape[0], model.head.in_features) and torch.isfinite(z).all()
         assert torch.equal(model(x), model.head(z))
         assert not model.head._forward_pre_hooks  # the capture hook is removed
+
+
+@pytest.mark.parametrize("name", ["tv-resnet18", "tv-mobilenet_v3_small"])
+def test_transfer_victim_on_a_zoo_backbone(name):
+    """A zoo model as a frozen backbone: the victim with the copied head gives the model's eval logits, also
+    in train mode (the backbone's BatchNorm and dropout stay in eval mode), and only the head trains."""
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10, 28)
+    victim = TransferVictim(model).train()
+    x = _pixels((3, 1, 28, 28))
+    with torch.no_grad():
+        assert torch.equal(victim(x), model.eval()(x)) and torch.equal(victim(x), victim(x))
+    assert victim.head.training and not any(m.training for m in model.modules())
+    assert trainable_parameters(victim) == list(victim.head.parameters())
 
 
 def test_input_adapter_is_repeat_normalise_resize():
