@@ -8,7 +8,8 @@
 Every option can come from a TOML file (``--config``) or a flag; flags win.
 Each run writes its outputs and the configuration it used into one run directory.
 A bad option or file is one line on stderr, ``memdisc COMMAND: error: ...`` naming the
-option or the file, and exit status 2.
+option or the file, and exit status 2.  Runs of a comparison that failed are one line
+naming each failed run's cell and error, after every other run finished, and exit status 1.
 """
 from __future__ import annotations
 
@@ -29,13 +30,19 @@ def _online_config():
 
 
 def _compare_config():
-    from memdisc.compare import CompareConfig
+    from memdisc.experiments.compare import CompareConfig
     return CompareConfig
 
 
-def _run_compare(cfg):
-    from memdisc.compare import run_compare
-    run_compare(cfg)
+def _run_compare(cfg) -> int:
+    from memdisc.experiments.compare import run_compare
+    from memdisc.experiments.runner import GridError
+    try:
+        run_compare(cfg)
+    except GridError as exc:
+        print(f"memdisc compare: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run_online(cfg):
@@ -65,7 +72,7 @@ def _info(_cfg):
     print(json.dumps(info, indent=2))
 
 
-def _one_line(exc: ValueError | OSError) -> str:
+def _one_line(exc: Exception) -> str:
     """The error as one line: ``FILE: what is wrong`` for an OSError about a file, else its message."""
     text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
     return " ".join(text.split())
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         if config_factory is not None:
             hidden = frozenset()
             if name == "compare":
-                from memdisc.compare import SHARED_FIELDS as hidden
+                from memdisc.experiments.compare import SHARED_FIELDS as hidden
             add_config_arguments(p, config_factory(), hidden=hidden)
     return parser
 
@@ -106,18 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             cls = config_factory()
             overrides = args_to_overrides(cls, args)
             if args.command == "compare":
-                from memdisc.compare import load_compare_config
+                from memdisc.experiments.compare import load_compare_config
                 cfg = load_compare_config(args.config, overrides)
             else:
                 cfg = load_config(cls, args.config, overrides)
-        fn(cfg)
+        status = fn(cfg)
     except (ValueError, OSError) as exc:
         print(f"memdisc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"memdisc {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

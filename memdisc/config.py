@@ -3,9 +3,12 @@ optional preset, a TOML file and command-line flags (later sources win).
 
 Every field becomes a flag ``--field-name`` with its ``metadata["help"]`` as
 help text; an optional field also takes ``none`` (flag or TOML string) to
-unset it.  A field whose type is itself a dataclass is a *section*: a TOML
-table ``[section]`` and flags ``--section-field``.  Unknown keys and values of
-the wrong type are errors naming the key, never silent defaults.
+unset it.  A list field (``list[int]``, ``list[str]``) is a TOML array
+(``history_epochs = [1, 3]``) or a comma list on the command line
+(``--history-epochs 1,3``; an empty string is the empty list).  A field whose
+type is itself a dataclass is a *section*: a TOML table ``[section]`` and flags
+``--section-field``.  Unknown keys and values of the wrong type (a string where
+a list is expected, too) are errors naming the key, never silent defaults.
 
 Values are checked in each dataclass's ``__post_init__`` with the validators below, which
 raise :class:`OptionError`; :func:`build` names the option as the user typed it (the
@@ -28,11 +31,14 @@ T = TypeVar("T")
 def field(default: Any, help: str, path: str | None = None) -> Any:  # noqa: A002 - mirrors argparse's name
     """A dataclass field with a help string for its command-line flag.
 
-    ``path``: "run" for a run directory memdisc writes (compared relative to the run's ``out``,
-    so a moved run directory stays the same run), "data" for an input folder (compared
-    resolved); see :func:`comparable`.
+    A list default gives every instance its own copy.  ``path``: "run" for a run directory
+    memdisc writes (compared relative to the run's ``out``, so a moved run directory stays the
+    same run), "data" for an input folder (compared resolved); see :func:`comparable`.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "path": path})
+    metadata = {"help": help, "path": path}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def section(cls: type, help: str) -> Any:  # noqa: A002
@@ -85,15 +91,41 @@ def check_choice(name: str, value, options) -> None:
         raise OptionError(name, f"expected one of {', '.join(map(str, options))}, got {value!r}")
 
 
-def parse_int_list(name: str, text: str, minimum: int = 1) -> list[int]:
-    """The integers of a comma-separated list such as ``"10,20"`` (empty items skipped), each ``>= minimum``."""
+# What a list of each item type looks like in TOML, for the error messages.
+_LIST_EXAMPLES = {int: "[1, 3]", str: '["a", "b"]'}
+
+
+def check_list(name: str, value, item: type, minimum: int | None = None) -> None:
+    """A list (not a string or tuple) of ``item`` values (ints: not bools, each ``>= minimum``)."""
+    example = _LIST_EXAMPLES[item]
+    if not isinstance(value, list):
+        raise OptionError(name, f"expected a list, e.g. {example}, got {value!r}")
+    ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    if not ok or (minimum is not None and any(v < minimum for v in value)):
+        what = {int: "integers", str: "strings"}[item] + ("" if minimum is None else f" >= {minimum}")
+        raise OptionError(name, f"expected a list of {what}, e.g. {example}, got {value!r}")
+
+
+def _list_item(tp) -> type | None:
+    """The item type of a ``list[X]`` annotation, None for anything else."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
+def _parse_list(item: type):
+    """The flag parser of a ``list[item]`` field: ``"1, 3"`` -> ``[1, 3]``, ``""`` -> ``[]``.  An item
+    that does not convert stays a string, so :func:`build` names the option in its error."""
+    def parse(text: str) -> list:
+        values = [t.strip() for t in text.split(",") if t.strip()]
+        return [_convert(item, v) for v in values]
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
+def _convert(item: type, text: str):
     try:
-        values = [int(t) for t in text.split(",") if t.strip()]
+        return item(text)
     except ValueError:
-        values = None
-    if values is None or any(v < minimum for v in values):
-        raise OptionError(name, f"expected a comma-separated list of integers >= {minimum}, got {text!r}")
-    return values
+        return text
 
 
 def _base_type(tp):
@@ -132,13 +164,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str
         if dataclasses.is_dataclass(tp):
             add_config_arguments(parser, tp, prefix + f.name + "_", hidden, path + f.name + ".")
             continue
-        tp, optional = _base_type(tp)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        conv = _parse_bool if tp is bool else tp
-        if optional:  # "none" unsets an optional value (also one a TOML file set)
-            conv = _or_none(conv)
+        item = _list_item(tp)
+        if item is not None:  # a comma list on the command line
+            conv, metavar = _parse_list(item), f"{item.__name__.upper()},..."
+            default = ",".join(map(str, f.default_factory())) or '""'
+        else:
+            tp, optional = _base_type(tp)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            conv, metavar = _parse_bool if tp is bool else tp, tp.__name__.upper()
+            if optional:  # "none" unsets an optional value (also one a TOML file set)
+                conv = _or_none(conv)
         parser.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name,
-                            type=conv, default=None, metavar=tp.__name__.upper(),
+                            type=conv, default=None, metavar=metavar,
                             help=f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"))
 
 
@@ -150,6 +187,13 @@ def _or_none(conv):
 
 
 def _check_value(key: str, value: Any, annotation) -> Any:
+    item = _list_item(annotation)
+    if item is not None:
+        try:
+            check_list(key, value, item)
+        except OptionError as exc:
+            raise ValueError(f"{option_name(key)}: {exc.expected}") from None
+        return list(value)
     tp, optional = _base_type(annotation)
     if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None

@@ -66,13 +66,53 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
     (["--online-attack-eps", "2"], "online.attack.eps (--online-attack-eps): expected a finite number >= 0.0 and "
                                    "<= 1.0, got 2.0"),
     (["--seed", "-1"], "seed (--seed): expected an integer in [0, 4294967295], got -1"),
-    (["--online-history-epochs", "3,x"], "online.history_epochs (--online-history-epochs): expected a "
-                                         "comma-separated list of integers >= 1, got '3,x'")])
+    (["--online-history-epochs", "3,x"], "online.history_epochs (--online-history-epochs): expected a list of "
+                                         "integers, e.g. [1, 3], got [3, 'x']"),
+    (["--online-ring-lags", "0"], "online.ring_lags (--online-ring-lags): expected a list of integers >= 1, "
+                                  "e.g. [1, 3], got [0]"),
+    (["--defenses", "ST,ST"], "defenses (--defenses): expected each defence once, got ['ST', 'ST']")])
 def test_a_bad_compare_option_is_named_as_typed_and_nothing_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "cmp"
     assert main(["compare", "--out", str(out), *argv]) == 2
     assert capsys.readouterr().err == f"memdisc compare: error: {message}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('defenses = "ST,GC"\n', "defenses (--defenses): expected a list, e.g. [\"a\", \"b\"], got 'ST,GC'"),
+    ('[online]\nhistory_epochs = "1,3"\n', "online.history_epochs (--online-history-epochs): expected a list, "
+                                            "e.g. [1, 3], got '1,3'"),
+    ("[online]\nring_lags = 2\n", "online.ring_lags (--online-ring-lags): expected a list, e.g. [1, 3], got 2"),
+    ("[online]\nhistory_epochs = [0, 1]\n", "online.history_epochs (--online-history-epochs): expected a list of "
+                                             "integers >= 1, e.g. [1, 3], got [0, 1]")])
+def test_a_list_option_in_toml_is_a_list_and_its_errors_name_key_and_flag(tmp_path, capsys, toml, message):
+    path = tmp_path / "compare.toml"
+    path.write_text(toml)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"memdisc compare: error: {message}\n"
+    assert not out.exists()
+
+
+def test_failed_runs_are_one_line_naming_their_cells_and_exit_1(tiny_fashion_mnist, tmp_path, capsys, monkeypatch):
+    import memdisc.experiments.compare as compare_module
+
+    def burnin(cfg, progress, device):
+        return {"final_test_error": 0.1, "history": [{}], "seconds": 1.0}
+
+    def online(cfg, progress, device):
+        raise ValueError(f"{cfg.out}/state.pt: damaged")
+    monkeypatch.setattr(compare_module, "run_burnin", burnin)
+    monkeypatch.setattr(compare_module, "run_online", online)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--out", str(out), "--device", "cpu", "--data-dir", str(tiny_fashion_mnist), "--defenses", "GC"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"memdisc compare: error: 2 of 2 cells failed: seed=0/run=control: ValueError: "
+                       f"{out}/runs/control/state.pt: damaged; seed=0/run=GC: ValueError: {out}/runs/GC/state.pt: "
+                       "damaged")
+    assert err[:-1] == [f"[cell 1/2] seed=0/run=control failed: ValueError: {out}/runs/control/state.pt: damaged",
+                        f"[cell 2/2] seed=0/run=GC failed: ValueError: {out}/runs/GC/state.pt: damaged"]
 
 
 def test_a_wrong_data_dir_writes_nothing(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""memdisc.compare: presets < TOML < flags, the shared top-level values, the end-to-end comparison on the
-tiny Fashion-MNIST-format data (tests/conftest.py) and the command line's error exit."""
+"""memdisc.experiments.compare: presets < TOML < flags, the shared top-level values, the end-to-end comparison
+on the tiny Fashion-MNIST-format data (tests/conftest.py), the summary over seeds and the command line's error
+exit."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,14 @@ import pytest
 import torch
 from formats import make_cifar10
 
-import memdisc.compare as compare_module
-from memdisc.compare import PRESETS, load_compare_config, run_compare, spread, summarize_seeds, summary_markdown
+import memdisc.experiments.compare as compare_module
 from memdisc.config import to_dict
 from memdisc.defenses import DSCConfig
 from memdisc.eval.result import RunResult
+from memdisc.experiments.compare import (DEFAULT_DEFENSES, PRESETS, BurninSummary, Comparison, compare_grid,
+                                         load_compare_config, run_compare)
+from memdisc.experiments.runner import GridError
+from memdisc.experiments.summary import spread, summarize_seeds, summary_markdown
 from memdisc.training.online import OnlineConfig
 from memdisc.training.supervised import BurninConfig
 
@@ -34,7 +38,7 @@ def test_auto_picks_the_seed_preset_for_cifar10_resnet18(tmp_path):
                                                                                                         10)
     online = cfg.online
     assert (online.history_epochs, online.stop_error, online.max_steps, online.lr, online.momentum) == (
-        "20", 0.18, 100, 0.1, 0.9)
+        [20], 0.18, 100, 0.1, 0.9)
     assert online.dsc.threshold == "seed"
 
 
@@ -59,12 +63,12 @@ def test_a_named_preset_applies_to_any_dataset():
 def test_toml_overrides_the_preset_and_flags_override_both(tmp_path):
     toml = tmp_path / "compare.toml"
     toml.write_text('dataset = "cifar10"\nmodel = "resnet18"\nseed = 4\n\n[burnin]\nepochs = 5\nsnapshot_every = 1\n\n'
-                    '[online]\nmax_steps = 7\nbatch_size = 50\nhistory_epochs = "2"\n\n[online.dsc]\n'
+                    '[online]\nmax_steps = 7\nbatch_size = 50\nhistory_epochs = [2]\n\n[online.dsc]\n'
                     'threshold = "fixed"\n')
     cfg = load_compare_config(toml)
     assert (cfg.burnin.epochs, cfg.burnin.batch_size) == (5, 256)  # TOML over preset; the preset's rest stays
     assert (cfg.online.max_steps, cfg.online.batch_size, cfg.online.stop_error) == (7, 50, 0.18)
-    assert cfg.online.dsc.threshold == "fixed"
+    assert cfg.online.dsc.threshold == "fixed" and cfg.online.history_epochs == [2]
     cfg = load_compare_config(toml, {"seed": 9, "burnin": {"epochs": 2}, "online": {"max_steps": 3,
                                                                                     "dsc": {"quantile": 0.9}}})
     assert (cfg.seed, cfg.burnin.epochs, cfg.online.max_steps, cfg.online.batch_size) == (9, 2, 3, 50)
@@ -85,9 +89,27 @@ def test_shared_values_propagate_to_both_phases(tmp_path):
     assert default_out.burnin.out == str(Path("runs/compare-mnist-cnn-s3") / "burnin")
 
 
+def test_the_default_defences_are_the_six_named_ones():
+    """Written out, not every registered defence: a defence added to the registry joins on request."""
+    assert load_compare_config().defenses == DEFAULT_DEFENSES == ["ST", "GC", "AT-seed", "AT-madry", "DSC-batch",
+                                                                  "DSC-sample"]
+    assert load_compare_config().defenses is not DEFAULT_DEFENSES  # each config its own list
+
+
+def test_defences_are_a_list(tmp_path):
+    toml = tmp_path / "compare.toml"
+    toml.write_text('defenses = ["DSC-batch", "ST"]\n')
+    assert load_compare_config(toml).defenses == ["DSC-batch", "ST"]
+    toml.write_text('defenses = "ST,GC"\n')
+    with pytest.raises(ValueError, match=r"^defenses \(--defenses\): expected a list, e\.g\. \["):
+        load_compare_config(toml)
+    with pytest.raises(ValueError, match=r"^defenses \(--defenses\): expected each defence once"):
+        load_compare_config(overrides={"defenses": ["ST", "GC", "ST"]})
+
+
 def test_unknown_names_are_value_errors():
     with pytest.raises(ValueError, match=r"^defenses \(--defenses\): unknown \['Nope'\]") as info:
-        load_compare_config(overrides={"defenses": "ST,Nope"})
+        load_compare_config(overrides={"defenses": ["ST", "Nope"]})
     assert "DSC-sample" in str(info.value)
     with pytest.raises(ValueError, match=r"^preset \(--preset\): expected auto or one of"):
         load_compare_config(overrides={"preset": "fast"})
@@ -98,22 +120,25 @@ def test_unknown_names_are_value_errors():
 def test_run_compare_end_to_end(tiny_fashion_mnist, single_thread, tmp_path):
     out = tmp_path / "cmp"
     cfg = load_compare_config(overrides={
-        "data_dir": str(tiny_fashion_mnist), "defenses": "ST,DSC-sample", "device": "cpu", "out": str(out),
+        "data_dir": str(tiny_fashion_mnist), "defenses": ["ST", "DSC-sample"], "device": "cpu", "out": str(out),
         "burnin": {"epochs": 2},
-        "online": {"history_epochs": "1", "batch_size": 32, "max_steps": 3, "eval_size": 100, "val_size": 32,
+        "online": {"history_epochs": [1], "batch_size": 32, "max_steps": 3, "eval_size": 100, "val_size": 32,
                    "heldout_size": 64}})
     results = run_compare(cfg, progress=False)
-    assert json.loads((out / "results.json").read_text())["attack_effect"] == results["attack_effect"]
-    assert list(results["runs"]) == ["control", "ST", "DSC-sample"]
-    assert results["runs"]["control"]["attack"] is False
-    assert results["runs"]["DSC-sample"]["defense"] == "DSC-sample" and results["runs"]["ST"]["attack"] is True
-    for name, run in results["runs"].items():
-        assert json.loads((out / "runs" / name / "result.json").read_text())["steps_run"] == run["steps_run"]
-        assert run["config"]["burnin"] == str(out / "burnin") and run["config"]["max_steps"] == 3
-    control_delta = results["runs"]["control"]["error_delta"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results.to_json()))
+    assert saved["attack_effect"] == results.attack_effect and saved["config"]["defenses"] == ["ST", "DSC-sample"]
+    assert list(results.runs) == ["control", "ST", "DSC-sample"]
+    assert results.runs["control"].attack is False
+    assert results.runs["DSC-sample"].defense == "DSC-sample" and results.runs["ST"].attack is True
+    for name, run in results.runs.items():
+        assert RunResult.from_json(json.loads((out / "runs" / name / "result.json").read_text())) == run
+        assert run.config["burnin"] == str(out / "burnin") and run.config["max_steps"] == 3
+        assert run.config["history_epochs"] == [1]
+    control_delta = results.runs["control"].error_delta
     for name in ("ST", "DSC-sample"):
-        assert results["attack_effect"][name] == pytest.approx(results["runs"][name]["error_delta"] - control_delta)
-    assert results["burnin"]["epochs"] == 2
+        assert results.attack_effect[name] == results.runs[name].error_delta - control_delta
+    assert results.burnin.epochs == 2
     assert (out / "burnin" / "snapshots" / "epoch_001.pt").is_file()
     assert json.loads((out / "config.json").read_text())["command"] == "compare"
     markdown = (out / "results.md").read_text()
@@ -127,7 +152,7 @@ def test_run_compare_end_to_end(tiny_fashion_mnist, single_thread, tmp_path):
 def test_a_directory_of_another_comparison_is_refused_before_anything_is_written(tiny_fashion_mnist, tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
-    base = {"data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu", "out": str(out)}
+    base = {"data_dir": str(tiny_fashion_mnist), "defenses": ["ST"], "device": "cpu", "out": str(out)}
     saved = {"command": "compare", "config": to_dict(load_compare_config(overrides=base)), "provenance": {}}
     (out / "config.json").write_text(json.dumps(saved))
     other = load_compare_config(overrides={**base, "online": {"lr": 0.01}})
@@ -151,7 +176,7 @@ def _stop_at_the_burnin(monkeypatch):
 def test_the_same_directory_spelled_otherwise_or_moved_is_the_same_comparison(tiny_fashion_mnist, tmp_path,
                                                                               monkeypatch):
     first = tmp_path / "cmp"
-    base = {"data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu"}
+    base = {"data_dir": str(tiny_fashion_mnist), "defenses": ["ST"], "device": "cpu"}
     saved = to_dict(load_compare_config(overrides={**base, "out": str(first)}))
     first.mkdir()
     (first / "config.json").write_text(json.dumps({"command": "compare", "config": saved, "provenance": {}}))
@@ -169,7 +194,7 @@ def test_the_same_directory_spelled_otherwise_or_moved_is_the_same_comparison(ti
 
 def test_every_seed_directory_is_checked_before_any_work(tiny_fashion_mnist, tmp_path):
     out = tmp_path / "rep"
-    base = {"data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu", "out": str(out), "repeats": 2}
+    base = {"data_dir": str(tiny_fashion_mnist), "defenses": ["ST"], "device": "cpu", "out": str(out), "repeats": 2}
     (out / "seed-1").mkdir(parents=True)
     other = to_dict(load_compare_config(overrides={**base, "repeats": 1, "seed": 1, "out": str(out / "seed-1"),
                                                    "online": {"lr": 0.5}}))
@@ -187,9 +212,9 @@ def test_missing_data_is_refused_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.parametrize("online, message", [
-    ({"history_epochs": "3"}, r"^online.history_epochs \(--online-history-epochs\): the burn-in saves no snapshot "
+    ({"history_epochs": [3]}, r"^online.history_epochs \(--online-history-epochs\): the burn-in saves no snapshot "
                               r"at epoch 3: it saves epochs 2, 4 \(burnin.epochs 4, burnin.snapshot_every 2\)"),
-    ({"start_epoch": 5, "history_epochs": "2"}, r"^online.start_epoch \(--online-start-epoch\): the burn-in "
+    ({"start_epoch": 5, "history_epochs": [2]}, r"^online.start_epoch \(--online-start-epoch\): the burn-in "
                                                 r"saves no snapshot at epoch 5"),
     ({"lr": -0.1}, r"^online.lr \(--online-lr\): expected a finite number > 0.0, got -0.1"),
     ({"dsc": {"quantile": 1.5}}, r"^online.dsc.quantile \(--online-dsc-quantile\): expected"),
@@ -206,16 +231,16 @@ def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_pa
     make_cifar10(tmp_path / "cifar-10-batches-py", per_batch=20, n_test=40)
     out = tmp_path / "cmp"
     cfg = load_compare_config(overrides={
-        "dataset": "cifar10", "model": "resnet18", "data_dir": str(tmp_path), "defenses": "DSC-batch",
+        "dataset": "cifar10", "model": "resnet18", "data_dir": str(tmp_path), "defenses": ["DSC-batch"],
         "device": "cpu", "out": str(out), "burnin": {"epochs": 1, "batch_size": 50, "snapshot_every": 1},
-        "online": {"history_epochs": "1", "batch_size": 10, "max_steps": 1, "eval_size": 20, "val_size": 10,
+        "online": {"history_epochs": [1], "batch_size": 10, "max_steps": 1, "eval_size": 20, "val_size": 10,
                    "heldout_size": 10, "stop_error": 1.0}})
     assert cfg.preset == "auto" and cfg.burnin.augment and cfg.online.dsc.threshold == "seed"
     results = run_compare(cfg, progress=False)
-    assert results["burnin"]["epochs"] == 1 and list(results["runs"]) == ["control", "DSC-batch"]
-    dsc = results["runs"]["DSC-batch"]
-    assert dsc["steps_run"] == 1 and dsc["attack"] is True
-    assert 0.0 <= dsc["error_after_trigger"] <= 1.0
+    assert results.burnin.epochs == 1 and list(results.runs) == ["control", "DSC-batch"]
+    dsc = results.runs["DSC-batch"]
+    assert dsc.steps_run == 1 and dsc.attack is True
+    assert 0.0 <= dsc.error_after_trigger <= 1.0
     spec = torch.load(out / "burnin" / "snapshots" / "epoch_001.pt", weights_only=False)["model_spec"]
     assert (spec["name"], spec["in_channels"], spec["image_size"]) == ("resnet18", 3, 32)
 
@@ -242,9 +267,9 @@ def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
 def test_repeats_run_each_seed_and_summarise_over_seeds(tiny_fashion_mnist, single_thread, tmp_path):
     out = tmp_path / "rep"
     cfg = load_compare_config(overrides={
-        "data_dir": str(tiny_fashion_mnist), "defenses": "ST", "device": "cpu", "out": str(out), "seed": 3,
+        "data_dir": str(tiny_fashion_mnist), "defenses": ["ST"], "device": "cpu", "out": str(out), "seed": 3,
         "repeats": 2, "burnin": {"epochs": 1},
-        "online": {"history_epochs": "1", "batch_size": 32, "max_steps": 2, "eval_size": 100, "val_size": 32,
+        "online": {"history_epochs": [1], "batch_size": 32, "max_steps": 2, "eval_size": 100, "val_size": 32,
                    "heldout_size": 64}})
     summary = run_compare(cfg, progress=False)
     assert summary["seeds"] == [3, 4]
@@ -272,19 +297,26 @@ def test_spread_is_mean_std_and_the_student_t_interval():
     assert spread([])["mean"] is None
 
 
+def fake_result(name: str, error_delta: float) -> RunResult:
+    """A RunResult of run ``name`` with the given error delta and no curve, scores or detection."""
+    return RunResult(config={}, defense="ST" if name == "control" else name, attack=name != "control",
+                     error_after_burnin=0.1, error_before_trigger=0.1, error_after_trigger=0.1 + error_delta,
+                     error_delta=error_delta, steps_run=3, stop_reason="", stop_error=0.15, trigger_md=0.0,
+                     curve={}, detection={"per_sample": None, "per_batch": None}, scores={}, timing={},
+                     provenance={}, picture={})
+
+
 def test_summary_compares_each_defence_with_st_on_the_same_seeds():
     def result(effects):
-        runs = {name: RunResult(config={}, defense=name, attack=name != "control", error_after_burnin=0.1,
-                                error_before_trigger=0.1, error_after_trigger=0.2, error_delta=0.1, steps_run=3,
-                                stop_reason="", stop_error=0.15, trigger_md=0.0, curve={},
-                                detection={"per_sample": None, "per_batch": None}, scores={}, timing={},
-                                provenance={}, picture={}).to_json() for name in ("control", *effects)}
-        return {"runs": runs, "attack_effect": effects}
+        runs = {name: fake_result(name, 0.1 + effects.get(name, 0.0)) for name in ("control", *effects)}
+        return Comparison({}, {}, BurninSummary(0.1, 2, 1.0), runs)
     per_seed = {s: result({"ST": 0.08 + 0.01 * s, "DSC-batch": 0.01 + 0.002 * s, "GC": 0.08 + 0.011 * s})
                 for s in range(5)}
     summary = summarize_seeds(per_seed)
     dsc, gc = summary["runs"]["DSC-batch"]["vs_st"], summary["runs"]["GC"]["vs_st"]
     assert dsc["values"] == pytest.approx([-0.07 - 0.008 * s for s in range(5)])
+    assert summary["runs"]["ST"]["attack_effect"]["values"] == pytest.approx([0.08 + 0.01 * s for s in range(5)])
+    assert summary["runs"]["control"]["attack_effect"]["values"] == []
     assert dsc["ci95"][1] < 0 and gc["ci95"][0] > 0 and "vs_st" not in summary["runs"]["ST"]
     table = summary_markdown(summary)
     assert "| DSC-batch |" in table and "lower than ST" in table and "higher than ST" in table
@@ -293,3 +325,47 @@ def test_summary_compares_each_defence_with_st_on_the_same_seeds():
 def test_repeats_must_be_positive():
     with pytest.raises(ValueError, match="repeats"):
         load_compare_config(overrides={"repeats": 0})
+
+
+def test_the_comparison_is_a_grid_of_runs_by_seeds(tmp_path):
+    """Its cells, their ids and directories: OUT/runs/NAME for one seed, OUT/seed-S/runs/NAME for several."""
+    cfg = load_compare_config(overrides={"defenses": ["ST", "DSC-batch"], "out": str(tmp_path), "seed": 4})
+    grid = compare_grid(cfg)
+    assert [c.id for c in grid.cells()] == ["seed=4/run=control", "seed=4/run=ST", "seed=4/run=DSC-batch"]
+    assert [grid.directory(c) for c in grid.cells()] == [tmp_path / "runs" / n for n in ("control", "ST", "DSC-batch")]
+    assert grid.result_path(grid.cells()[1]) == tmp_path / "runs" / "ST" / "result.json"
+    assert grid.results_file is None  # compare writes its own results.json
+    repeated = compare_grid(load_compare_config(overrides={"defenses": ["ST"], "out": str(tmp_path), "seed": 4,
+                                                           "repeats": 2}))
+    assert [(c.id, repeated.directory(c)) for c in repeated.cells()] == [
+        (f"seed={s}/run={n}", tmp_path / f"seed-{s}" / "runs" / n) for s in (4, 5) for n in ("control", "ST")]
+
+
+def test_a_failed_run_is_reported_by_its_cell_and_runs_again_alone(tiny_fashion_mnist, tmp_path, monkeypatch):
+    """A run that fails stops neither the others nor the grid's end; the seed gets no results.json (a run is
+    missing) and the error names the cell.  Run again, only that run runs, then the report is written."""
+    out = tmp_path / "cmp"
+    cfg = load_compare_config(overrides={"data_dir": str(tiny_fashion_mnist), "defenses": ["ST", "GC"],
+                                         "device": "cpu", "out": str(out)})
+    monkeypatch.setattr(compare_module, "run_burnin",
+                        lambda cfg, progress, device: {"final_test_error": 0.1, "history": [{}], "seconds": 1.0})
+    ran = []
+
+    def run_online(cfg, progress, device):
+        name = "control" if cfg.control else cfg.defense
+        ran.append(name)
+        if name == "ST" and len(ran) < 4:
+            raise ValueError("state.pt: damaged")
+        return fake_result(name, {"control": 0.01, "ST": 0.1, "GC": 0.02}[name])
+    monkeypatch.setattr(compare_module, "run_online", run_online)
+    with pytest.raises(GridError) as info:
+        run_compare(cfg, progress=False)
+    assert ran == ["control", "ST", "GC"]
+    assert [f.cell.id for f in info.value.failures] == ["seed=0/run=ST"]
+    assert str(info.value) == "1 of 3 cells failed: seed=0/run=ST: ValueError: state.pt: damaged"
+    assert not (out / "results.json").exists() and not (out / "runs" / "ST" / "result.json").exists()
+    assert (out / "runs" / "GC" / "result.json").exists()  # kept: a finished run is never run again
+    results = run_compare(cfg, progress=False)
+    assert ran == ["control", "ST", "GC", "ST"]
+    assert results.attack_effect == {"ST": 0.1 - 0.01, "GC": 0.02 - 0.01}
+    assert json.loads((out / "results.json").read_text())["attack_effect"] == results.attack_effect

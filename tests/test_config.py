@@ -1,4 +1,4 @@
-"""memdisc.config: TOML + flags (flags win), nested sections, name/type validation, bool/optional parsing."""
+"""memdisc.config: TOML + flags (flags win), nested sections, name/type validation, bool/optional/list parsing."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,8 @@ import math
 import pytest
 
 from memdisc.training.supervised import BurninConfig
-from memdisc.config import (OptionError, add_config_arguments, build, check_choice, check_int, check_number,
-                            check_seed, comparable, config_from_args, field, load_config, merge, parse_int_list,
+from memdisc.config import (OptionError, add_config_arguments, build, check_choice, check_int, check_list,
+                            check_number, check_seed, comparable, config_from_args, field, load_config, merge,
                             read_toml, section, to_dict)
 from memdisc.training.online import OnlineConfig
 
@@ -27,6 +27,14 @@ class Toy:
     lr: float = field(0.1, "a float")
     augment: bool = field(False, "a bool")
     subset: int | None = field(None, "an optional int")
+    inner: Inner = section(Inner, "a section")
+
+
+@dataclasses.dataclass
+class Lists:
+    epochs: list[int] = field([3], "a list of ints")
+    lags: list[int] = field([], "an empty list of ints")
+    names: list[str] = field(["ST", "GC"], "a list of strings")
     inner: Inner = section(Inner, "a section")
 
 
@@ -185,9 +193,11 @@ def test_burnin_config_validates_values(values, flag):
     ({"lr": -0.1}, "lr (--lr)"), ({"lr": math.nan}, "lr (--lr)"), ({"momentum": -1.0}, "momentum (--momentum)"),
     ({"victim_momentum": math.inf}, "victim_momentum (--victim-momentum)"),
     ({"stop_rise": math.nan}, "stop_rise (--stop-rise)"), ({"stop_error": math.inf}, "stop_error (--stop-error)"),
-    ({"seed": -3}, "seed (--seed)"), ({"history_epochs": "1,x"}, "history_epochs (--history-epochs)"),
-    ({"history_epochs": "0"}, "history_epochs (--history-epochs)"), ({"ring_lags": "-2"}, "ring_lags (--ring-lags)"),
-    ({"history_epochs": "", "ring_lags": ""}, "history_epochs (--history-epochs)"),
+    ({"seed": -3}, "seed (--seed)"), ({"history_epochs": "1,3"}, "history_epochs (--history-epochs)"),
+    ({"history_epochs": [1, "x"]}, "history_epochs (--history-epochs)"),
+    ({"history_epochs": [0]}, "history_epochs (--history-epochs)"), ({"ring_lags": [-2]}, "ring_lags (--ring-lags)"),
+    ({"ring_lags": 2}, "ring_lags (--ring-lags)"), ({"history_epochs": [True]}, "history_epochs (--history-epochs)"),
+    ({"history_epochs": [], "ring_lags": []}, "history_epochs (--history-epochs)"),
     ({"start_epoch": 0}, "start_epoch (--start-epoch)"), ({"channels_last": "yes"}, "channels_last (--channels-last)"),
     ({"autocast": "float8"}, "autocast (--autocast)"), ({"eval_size": 0}, "eval_size (--eval-size)"),
     ({"dsc": {"quantile": 1.0}}, "dsc.quantile (--dsc-quantile)"),
@@ -211,7 +221,8 @@ def test_validators():
     check_number("x", 0.5, 0.0, 1.0, strict=True)
     check_int("n", 0, minimum=0)
     check_seed("seed", 2 ** 32 - 1)
-    assert parse_int_list("e", " 10, 20,") == [10, 20] and parse_int_list("e", "") == []
+    check_list("e", [], int, minimum=1)
+    check_list("n", ["a"], str)
     for call, message in [
             (lambda: check_number("x", 1.0, 0.0, 1.0, strict=True), "x: expected a finite number > 0.0 and < 1.0, "
                                                                       "got 1.0"),
@@ -220,7 +231,12 @@ def test_validators():
             (lambda: check_int("n", 2.0), "n: expected an integer >= 1, got 2.0"),
             (lambda: check_seed("seed", 2 ** 32), "seed: expected an integer in [0, 4294967295], got 4294967296"),
             (lambda: check_choice("k", "c", ("a", "b")), "k: expected one of a, b, got 'c'"),
-            (lambda: parse_int_list("e", "1;2"), "e: expected a comma-separated list of integers >= 1, got '1;2'")]:
+            (lambda: check_list("e", "1,2", int), "e: expected a list, e.g. [1, 3], got '1,2'"),
+            (lambda: check_list("e", (1, 2), int), "e: expected a list, e.g. [1, 3], got (1, 2)"),
+            (lambda: check_list("e", [1, 0], int, minimum=1), "e: expected a list of integers >= 1, e.g. [1, 3], "
+                                                               "got [1, 0]"),
+            (lambda: check_list("e", [1.0], int), "e: expected a list of integers, e.g. [1, 3], got [1.0]"),
+            (lambda: check_list("n", ["a", 2], str), 'n: expected a list of strings, e.g. ["a", "b"], got [\'a\', 2]')]:
         with pytest.raises(OptionError) as info:
             call()
         assert str(info.value) == message
@@ -239,3 +255,58 @@ def test_comparable_makes_run_paths_relative_to_out_and_data_paths_absolute(tmp_
     assert comparable(OnlineConfig, to_dict(online[0])) == comparable(OnlineConfig, to_dict(online[1]))
     assert comparable(OnlineConfig, to_dict(online[0]))["burnin"] == "../../burnin"
     assert comparable(BurninConfig, "garbage") == "garbage"
+
+
+def _parse_lists(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lists")
+    add_config_arguments(parser, Lists)
+    return parser.parse_args(argv)
+
+
+def test_list_options_are_toml_arrays_and_comma_lists_on_the_command_line(tmp_path):
+    assert load_config(Lists) == Lists() and Lists().epochs == [3] and Lists().lags == []
+    assert Lists().epochs is not Lists().epochs  # each instance its own list
+    path = _toml(tmp_path, 'epochs = [1, 3]\nnames = ["DSC-batch"]\nlags = []\n')
+    assert load_config(Lists, path) == Lists(epochs=[1, 3], names=["DSC-batch"], lags=[])
+    cfg = config_from_args(Lists, _parse_lists(["--config", str(path), "--epochs", " 2, 5,", "--lags", "4",
+                                                "--names", "ST,AT-seed"]))
+    assert (cfg.epochs, cfg.lags, cfg.names) == ([2, 5], [4], ["ST", "AT-seed"])  # flags win
+    assert config_from_args(Lists, _parse_lists(["--config", str(path), "--epochs", ""])).epochs == []
+    assert to_dict(cfg)["epochs"] == [2, 5]
+
+
+@pytest.mark.parametrize("source, message", [
+    ('epochs = "1,3"\n', "epochs (--epochs): expected a list, e.g. [1, 3], got '1,3'"),
+    ("epochs = 3\n", "epochs (--epochs): expected a list, e.g. [1, 3], got 3"),
+    ('epochs = [1, "3"]\n', "epochs (--epochs): expected a list of integers, e.g. [1, 3], got [1, '3']"),
+    ("epochs = [1.5]\n", "epochs (--epochs): expected a list of integers, e.g. [1, 3], got [1.5]"),
+    ('names = "ST"\n', 'names (--names): expected a list, e.g. ["a", "b"], got \'ST\''),
+    ("names = [1]\n", 'names (--names): expected a list of strings, e.g. ["a", "b"], got [1]'),
+    (["--epochs", "3,x"], "epochs (--epochs): expected a list of integers, e.g. [1, 3], got [3, 'x']"),
+    (["--lags", "1.5"], "lags (--lags): expected a list of integers, e.g. [1, 3], got ['1.5']")])
+def test_a_bad_list_names_the_toml_key_and_the_flag(tmp_path, source, message):
+    """A string where a list is expected (the old comma-string form) is refused, not split."""
+    argv = ["--config", str(_toml(tmp_path, source))] if isinstance(source, str) else source
+    with pytest.raises(ValueError) as info:
+        config_from_args(Lists, _parse_lists(argv))
+    assert str(info.value) == message
+
+
+def test_list_flags_show_their_default_as_a_comma_list(capsys):
+    parser = argparse.ArgumentParser(prog="lists")
+    add_config_arguments(parser, Lists)
+    text = " ".join(parser.format_help().split())
+    assert "--epochs INT,... a list of ints (default: 3)" in text
+    assert '--lags INT,... an empty list of ints (default: "")' in text
+    assert "--names STR,... a list of strings (default: ST,GC)" in text
+
+
+def test_online_list_options_from_toml_and_flags(tmp_path):
+    path = _toml(tmp_path, "history_epochs = [2, 4]\nring_lags = [1]\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, OnlineConfig)
+    cfg = config_from_args(OnlineConfig, parser.parse_args(["--config", str(path), "--ring-lags", "3,5"]))
+    assert (cfg.history_epochs, cfg.ring_lags) == ([2, 4], [3, 5])
+    assert OnlineConfig().history_epochs == [3] and OnlineConfig().ring_lags == []
+    with pytest.raises(OptionError, match=r"^history_epochs: expected a list, e\.g\. \[1, 3\], got '1,3'$"):
+        OnlineConfig(history_epochs="1,3")  # built directly: the field's name

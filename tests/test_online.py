@@ -38,7 +38,7 @@ def burnin_dir(tiny_fashion_mnist, single_thread, tmp_path_factory) -> Path:
 
 
 def online_cfg(burnin: Path, out: Path, **kwargs) -> OnlineConfig:
-    values = dict(burnin=str(burnin), history_epochs="1", batch_size=BATCH, max_steps=MAX_STEPS, eval_size=100,
+    values = dict(burnin=str(burnin), history_epochs=[1], batch_size=BATCH, max_steps=MAX_STEPS, eval_size=100,
                   val_size=32, heldout_size=64, checkpoint_every=1, device="cpu", out=str(out))
     values.update(kwargs)
     return OnlineConfig(**values)
@@ -64,7 +64,7 @@ def run_recording_final_weights(cfg: OnlineConfig) -> tuple[RunResult, dict]:
 RUNS = {
     "ST": dict(defense="ST", attack=AttackConfig(poison_scale=0.75)),
     "control": dict(defense="ST", control=True),
-    "DSC-sample": dict(defense="DSC-sample", ring_lags="2", stop_error=1.0),
+    "DSC-sample": dict(defense="DSC-sample", ring_lags=[2], stop_error=1.0),
 }
 
 

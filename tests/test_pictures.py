@@ -200,7 +200,7 @@ def burnin_dir(tiny_fashion_mnist, single_thread, tmp_path_factory) -> Path:
 
 
 def online_cfg(burnin: Path, out: Path, **kwargs) -> OnlineConfig:
-    values = dict(burnin=str(burnin), history_epochs="1", batch_size=BATCH, max_steps=3, eval_size=100,
+    values = dict(burnin=str(burnin), history_epochs=[1], batch_size=BATCH, max_steps=3, eval_size=100,
                   val_size=32, heldout_size=64, checkpoint_every=1, device="cpu", out=str(out))
     values.update(kwargs)
     return OnlineConfig(**values)
@@ -266,7 +266,7 @@ def test_the_control_and_a_dsc_run_write_a_picture(burnin_dir, name, kwargs):
 
 # DSC-batch against the start model itself (history epoch 2 = the burn-in's last) with a fixed threshold just
 # above 0: the discrepancy is exactly 0 at step 0, so the first batch passes through and the second is corrected.
-LATE_CORRECTION = dict(defense="DSC-batch", history_epochs="2", dsc=DSCConfig(threshold="fixed", tau0=1e-9),
+LATE_CORRECTION = dict(defense="DSC-batch", history_epochs=[2], dsc=DSCConfig(threshold="fixed", tau0=1e-9),
                        stop_error=1.0, max_steps=4)
 
 
@@ -344,7 +344,7 @@ def test_an_rgb_online_run_pictures_colour_images(single_thread, tmp_path):
     burnin = tmp_path / "burnin"
     run_burnin(BurninConfig(dataset="cifar10", data_dir=str(tmp_path), model="cnn", epochs=1, batch_size=50,
                             device="cpu", out=str(burnin)), progress=False)
-    cfg = OnlineConfig(burnin=str(burnin), history_epochs="1", batch_size=10, max_steps=1, eval_size=20,
+    cfg = OnlineConfig(burnin=str(burnin), history_epochs=[1], batch_size=10, max_steps=1, eval_size=20,
                        val_size=10, heldout_size=10, stop_error=1.0, device="cpu", out=str(tmp_path / "run"))
     result = run_online(cfg, progress=False)
     pixels = decode(Path(cfg.out) / PICTURE_NAME)

@@ -1,4 +1,4 @@
-"""memdisc.report on a small synthetic results dict."""
+"""memdisc.experiments.report on a small synthetic comparison."""
 import json
 import re
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from memdisc.eval.detection import detection_summary
-from memdisc.report import (REPORT_FILES, markdown_table, plot_error_curves, plot_md_histograms, plot_roc,
-                            write_report)
+from memdisc.eval.result import RunResult
+from memdisc.experiments.compare import BurninSummary, Comparison
+from memdisc.experiments.report import (REPORT_FILES, markdown_table, plot_error_curves, plot_md_histograms,
+                                        plot_roc, write_report)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +26,9 @@ def _run(defense, attack, errors, steps, rng, with_detection):
                      "md_clean": list(np.full(n_steps, 0.05))},
            "detection": {"per_sample": None, "per_batch": None},
            "scores": {"clean": [], "poisoned": []},
-           "timing": {"online_seconds": 12.5, "trigger_seconds": 0.25, "samples_per_second": 2345.6}}
+           "timing": {"online_seconds": 12.5, "trigger_seconds": 0.25, "samples_per_second": 2345.6},
+           "config": {}, "stop_error": 0.15, "trigger_md": 0.1, "provenance": {},
+           "picture": {"file": None, "step": None, "corrected": None}}
     if with_detection:
         clean, poisoned = rng.gamma(2.0, 0.03, 400), rng.gamma(2.0, 0.03, 100) + 0.05
         s = np.r_[clean, poisoned]
@@ -41,12 +45,11 @@ def results():
     runs = {"control": _run("none", False, (0.1, 0.105, 0.104), 30, rng, with_detection=False),
             "ST": _run("none", True, (0.1, 0.12, 0.4567), 30, rng, with_detection=True),
             "DSC-sample": _run("dsc-sample", True, (0.1, 0.11, 0.1234), 17, rng, with_detection=True)}
-    # Go through JSON, as the report reads results.json.
-    return json.loads(json.dumps({
-        "config": {"dataset": "fashion-mnist", "model": "cnn", "seed": 3},
-        "provenance": {"memdisc": "0.1.0", "torch": "2.13.0", "commit": "abc123", "device": "cpu", "seed": 3},
-        "burnin": {"test_error": 0.1, "epochs": 6},
-        "runs": runs}))
+    # Each run goes through JSON, as compare reads a finished run's result.json.
+    return Comparison({"dataset": "fashion-mnist", "model": "cnn", "seed": 3},
+                      {"memdisc": "0.1.0", "torch": "2.13.0", "commit": "abc123", "device": "cpu", "seed": 3},
+                      BurninSummary(test_error=0.1, epochs=6, seconds=60.0),
+                      {name: RunResult.from_json(json.loads(json.dumps(run))) for name, run in runs.items()})
 
 
 def _cells(line):
@@ -64,8 +67,7 @@ def test_markdown_has_one_row_per_run_with_the_numbers(results):
     assert [r[0] for r in rows] == ["control", "ST", "DSC-sample"]
     assert all(len(r) == len(header) for r in rows)
     cells = {r[0]: r for r in rows}
-    st = results["runs"]["ST"]
-    d = st["detection"]
+    d = results.runs["ST"].detection
     assert cells["ST"][1:9] == ["none", "yes", "10.00", "12.00", "45.67", "+33.67", "30", "max_steps"]
     assert cells["ST"][9:] == [f"{d['per_sample']['auroc']:.3f}", f"{100 * d['per_sample']['tpr_at_fpr']:.2f}",
                                f"{d['per_batch']['auroc']:.3f}", "2,346"]
@@ -75,14 +77,18 @@ def test_markdown_has_one_row_per_run_with_the_numbers(results):
     assert cells["control"][9:12] == ["n/a", "n/a", "n/a"]
 
 
-def test_markdown_rejects_results_without_runs():
-    with pytest.raises(ValueError, match="results: expected a dict with a non-empty 'runs'"):
-        markdown_table({"config": {}, "runs": {}})
+def test_markdown_rejects_results_without_runs(results):
+    results.runs = {}
+    with pytest.raises(ValueError, match="results.runs: expected a non-empty dict of run name -> RunResult"):
+        markdown_table(results)
+    results.runs = {"ST": {"defense": "ST"}}
+    with pytest.raises(ValueError, match=r"results.runs\['ST'\]: expected a RunResult, got dict"):
+        markdown_table(results)
 
 
 def test_mismatched_curve_length_is_an_error(results, tmp_path):
-    results["runs"]["ST"]["curve"]["test_error"].pop()
-    with pytest.raises(ValueError, match=r"\['ST'\]\['curve'\]\['test_error'\]: expected 31 values"):
+    results.runs["ST"].curve["test_error"].pop()
+    with pytest.raises(ValueError, match=r"runs\['ST'\]\.curve\['test_error'\]: expected 31 values"):
         plot_error_curves(results, tmp_path / "e.png")
 
 
@@ -102,9 +108,9 @@ def test_write_report_writes_files_atomically(results, tmp_path):
 
 
 def test_plots_without_any_detection_or_scores(results, tmp_path):
-    for run in results["runs"].values():
-        run["detection"] = None
-        run["scores"] = {"clean": [], "poisoned": []}
+    for run in results.runs.values():
+        run.detection = {"per_sample": None, "per_batch": None}
+        run.scores = {"clean": [], "poisoned": []}
     for plot in (plot_md_histograms, plot_roc):
         path = plot(results, tmp_path / f"{plot.__name__}.png")
         assert path.read_bytes()[:8] == PNG_SIGNATURE

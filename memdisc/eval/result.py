@@ -1,4 +1,5 @@
-"""``RunResult``: the typed result of one online run, the schema of ``OUT/result.json``.
+"""``RunResult``: the typed result of one online run, the schema of ``OUT/result.json``, and the
+payload of an online cell of an experiment grid (``memdisc.experiments``: ``kind`` and ``file``).
 
 :meth:`RunResult.to_json` gives the JSON object written to ``result.json`` (the keys in the field
 order below) and :meth:`RunResult.from_json` reads it back, so a finished run is returned from its
@@ -16,12 +17,14 @@ file unchanged.  Errors are fractions in [0, 1]; the nested records keep their J
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclasses.dataclass
 class RunResult:
     """Every number of one online run (control or attacked, one defence)."""
+    kind: ClassVar[str] = "online-run"     # its name in a cell result (memdisc.experiments.results)
+    file: ClassVar[str] = "result.json"    # its file in the run's directory
     config: dict[str, Any]          # the OnlineConfig as written (memdisc.config.to_dict)
     defense: str
     attack: bool                    # False for the no-attack control

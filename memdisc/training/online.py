@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from memdisc.artifacts import load_snapshot, model_from_snapshot, provenance, read_json, remove_stale_temp_files, write_json
 from memdisc.attacks import AttackConfig, PoisonedBatch, build_attack
-from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
-                            option_name, parse_int_list, section, to_dict)
+from memdisc.config import (OptionError, check_choice, check_int, check_list, check_number, check_seed, comparable,
+                            field, option_name, section, to_dict)
 from memdisc.data import BatchStream, load_dataset, mirror_ok
 from memdisc.defenses import DEFENSES, BaselineConfig, DefenseContext, DSCConfig, build_defense
 from memdisc.detectors import MDDetector
@@ -58,8 +58,8 @@ from memdisc.training.supervised import snapshot_path
 class OnlineConfig:
     burnin: str = field("runs/burnin-fashion-mnist-cnn-s0", "burn-in run directory (its snapshots)", path="run")
     start_epoch: int | None = field(None, "burn-in epoch the online model starts from (default: the last)")
-    history_epochs: str = field("3", "comma list of burn-in epochs used as historical snapshots")
-    ring_lags: str = field("", "comma list of N: snapshots that follow the online model N steps behind")
+    history_epochs: list[int] = field([3], "burn-in epochs used as historical snapshots")
+    ring_lags: list[int] = field([], "lags N: snapshots that follow the online model N steps behind")
     defense: str = field("ST", f"defence: {', '.join(DEFENSES)}")
     control: bool = field(False, "the no-attack control: the same stream, never poisoned")
     batch_size: int = field(100, "online batch size")
@@ -97,7 +97,9 @@ class OnlineConfig:
         check_choice("defense", self.defense, DEFENSES)
         if self.start_epoch is not None:
             check_int("start_epoch", self.start_epoch)
-        if not parse_int_list("history_epochs", self.history_epochs) + parse_int_list("ring_lags", self.ring_lags):
+        check_list("history_epochs", self.history_epochs, int, minimum=1)
+        check_list("ring_lags", self.ring_lags, int, minimum=1)
+        if not self.history_epochs + self.ring_lags:
             raise OptionError("history_epochs", "expected at least one snapshot: a burn-in epoch here or a lag in "
                                                 "ring_lags")
         for name in ("batch_size", "max_steps", "eval_size", "val_size", "heldout_size", "checkpoint_every"):
@@ -161,9 +163,8 @@ class OnlineRun:
         self.eval_step = (x_eval[:cfg.eval_size], y_eval[:cfg.eval_size])
         self.trigger_clean = tuple(t.to(dev) for t in test.batch(trig_idx))
         self.model = model_from_snapshot(start, dev)
-        history = [model_from_snapshot(self._load_burnin_snapshot(e), dev)
-                   for e in parse_int_list("history_epochs", cfg.history_epochs)]
-        self.snapshots = SnapshotSet(history, tuple(parse_int_list("ring_lags", cfg.ring_lags))).to(dev)
+        history = [model_from_snapshot(self._load_burnin_snapshot(e), dev) for e in cfg.history_epochs]
+        self.snapshots = SnapshotSet(history, tuple(cfg.ring_lags)).to(dev)
         # the poison score of every run (evaluation only: never shown to the defence)
         self.detector = MDDetector(self.snapshots, cfg.dsc.reduce)
         self.defense = build_defense(cfg.defense, DefenseContext(self.snapshots, self.heldout, cfg.seed,

@@ -1,19 +1,12 @@
-"""The comparison report: a markdown table and three figures from ``results.json``.
+"""The comparison report: a markdown table and three figures from one seed's comparison.
 
-Input is the results dict written by the online comparison::
+Input is a :class:`memdisc.experiments.compare.Comparison` (what ``results.json`` holds): its
+``config`` (dataset, model, seed), ``provenance``, ``burnin`` (``test_error``, ``epochs``) and
+``runs``, run name -> :class:`memdisc.eval.result.RunResult` (whose docstring gives the
+shapes of ``curve``, ``detection``, ``scores`` and ``timing``).
 
-    {"config": {...}, "provenance": {"memdisc", "torch", "commit", "device", "seed", ...},
-     "burnin": {"test_error": float, "epochs": int, ...},
-     "runs": {name: {"defense": str, "attack": bool,
-                     "error_after_burnin", "error_before_trigger", "error_after_trigger", "error_delta": float,
-                     "steps_run": int, "stop_reason": str,
-                     "curve": {"step": [int], "test_error": [float], "md_poisoned": [float], "md_clean": [float]},
-                     "detection": {"per_sample": detection_summary | None, "per_batch": detection_summary | None},
-                     "scores": {"clean": [float], "poisoned": [float]},
-                     "timing": {"online_seconds", "trigger_seconds", "samples_per_second": float}}}}
-
-Errors are fractions in [0, 1] and are shown in percent.  Any field may be
-``None`` (or absent), shown as "n/a".  Figures are drawn on the Agg canvas
+Errors are fractions in [0, 1] and are shown in percent.  A missing detection summary (the
+control's) or recorded value is shown as "n/a".  Figures are drawn on the Agg canvas
 without pyplot, so importing this module changes no global matplotlib state.
 Every file is written atomically (temporary file in the same directory, then
 ``os.replace``).
@@ -23,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -31,6 +24,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from memdisc.artifacts import atomic_write_bytes, atomic_write_text
+from memdisc.eval.result import RunResult
+
+if TYPE_CHECKING:
+    from memdisc.experiments.compare import Comparison
 
 DPI = 120
 NA = "n/a"
@@ -42,13 +39,13 @@ REPORT_FILES = {"markdown": "results.md", "error_curves": "error_curves.png",
 
 # ----------------------------------------------------------------------------- access
 
-def _runs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    runs = results.get("runs") if isinstance(results, dict) else None
+def _runs(results: Comparison) -> dict[str, RunResult]:
+    runs = results.runs
     if not isinstance(runs, dict) or not runs:
-        raise ValueError("results: expected a dict with a non-empty 'runs' mapping of run name -> run dict")
+        raise ValueError(f"results.runs: expected a non-empty dict of run name -> RunResult, got {runs!r}")
     for name, run in runs.items():
-        if not isinstance(run, dict):
-            raise ValueError(f"results['runs'][{name!r}]: expected a dict, got {type(run).__name__}")
+        if not isinstance(run, RunResult):
+            raise ValueError(f"results.runs[{name!r}]: expected a RunResult, got {type(run).__name__}")
     return runs
 
 
@@ -86,24 +83,24 @@ def _cell(text: Any) -> str:
     return NA if text is None else str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _fpr_target(runs: dict[str, dict[str, Any]]) -> float:
+def _fpr_target(runs: dict[str, RunResult]) -> float:
     """The FPR target of the first per-sample detection found (0.05 when none)."""
     for run in runs.values():
-        target = _get(run, "detection", "per_sample", "fpr_target")
+        target = _get(run.detection, "per_sample", "fpr_target")
         if target is not None:
             return float(target)
     return 0.05
 
 
-def _header_line(results: dict[str, Any]) -> str:
-    config, prov = results.get("config") or {}, results.get("provenance") or {}
+def _header_line(results: Comparison) -> str:
+    config, prov = results.config, results.provenance
     seed = prov.get("seed", config.get("seed"))
     return (f"Dataset **{config.get('dataset', NA)}**, model **{config.get('model', NA)}**, "
             f"seed **{NA if seed is None else seed}**, commit `{prov.get('commit', NA)}`")
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    """The comparison as a markdown table, one row per run in the order of ``results['runs']``.
+def markdown_table(results: Comparison) -> str:
+    """The comparison as a markdown table, one row per run in the order of ``results.runs``.
 
     Columns: run, defence, attack (yes/no), test error after burn-in / before
     the trigger / after the trigger and its delta (percent, 2 decimals; delta
@@ -119,26 +116,23 @@ def markdown_table(results: dict[str, Any]) -> str:
             "AUROC (batch)", "samples/s"]
     lines = [_header_line(results), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, run in runs.items():
-        attack = run.get("attack")
-        per_sample = _get(run, "detection", "per_sample")
-        row = [_cell(name), _cell(run.get("defense")), NA if attack is None else ("yes" if attack else "no"),
-               _pct(run.get("error_after_burnin")), _pct(run.get("error_before_trigger")),
-               _pct(run.get("error_after_trigger")), _pct(run.get("error_delta"), signed=True),
-               _cell(run.get("steps_run")), _cell(run.get("stop_reason")),
+        per_sample = _get(run.detection, "per_sample")
+        row = [_cell(name), _cell(run.defense), "yes" if run.attack else "no",
+               _pct(run.error_after_burnin), _pct(run.error_before_trigger),
+               _pct(run.error_after_trigger), _pct(run.error_delta, signed=True),
+               _cell(run.steps_run), _cell(run.stop_reason),
                _num(_get(per_sample, "auroc"), ".3f"), _pct(_get(per_sample, "tpr_at_fpr")),
-               _num(_get(run, "detection", "per_batch", "auroc"), ".3f"),
-               _num(_get(run, "timing", "samples_per_second"), ",.0f")]
+               _num(_get(run.detection, "per_batch", "auroc"), ".3f"),
+               _num(run.timing.get("samples_per_second"), ",.0f")]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _notes(results: dict[str, Any]) -> str:
+def _notes(results: Comparison) -> str:
     runs = _runs(results)
-    prov, burnin = results.get("provenance") or {}, results.get("burnin") or {}
-    lines = ["## Notes", ""]
-    if burnin:
-        lines.append(f"- Burn-in: test error {_pct(burnin.get('test_error'))} % after "
-                     f"{_cell(burnin.get('epochs'))} epochs.")
+    prov = results.provenance
+    lines = ["## Notes", "", f"- Burn-in: test error {_pct(results.burnin.test_error)} % after "
+                             f"{_cell(results.burnin.epochs)} epochs."]
     lines += [
         "- Errors are test error in percent; Δ err is each run's recorded `error_delta`, in percentage points.",
         "- Detection scores every sample (clean and poisoned) by its memorization discrepancy; poisoned is the "
@@ -147,12 +141,12 @@ def _notes(results: dict[str, Any]) -> str:
         "score, the batch-level MD that the DSC rule thresholds.",
     ]
     counts = [f"{name}: {d['n_pos']} poisoned / {d['n_neg']} clean" for name, run in runs.items()
-              if (d := _get(run, "detection", "per_sample")) is not None]
+              if (d := _get(run.detection, "per_sample")) is not None]
     if counts:
         lines.append("- Samples scored (per sample): " + "; ".join(counts) + ".")
-    timing = [f"{name}: online {_num(_get(run, 'timing', 'online_seconds'), '.1f')} s, "
-              f"trigger {_num(_get(run, 'timing', 'trigger_seconds'), '.2f')} s"
-              for name, run in runs.items() if run.get("timing")]
+    timing = [f"{name}: online {_num(run.timing.get('online_seconds'), '.1f')} s, "
+              f"trigger {_num(run.timing.get('trigger_seconds'), '.2f')} s"
+              for name, run in runs.items() if run.timing]
     if timing:
         lines.append("- Wall time: " + "; ".join(timing) + ".")
     lines.append(f"- memdisc {prov.get('memdisc', NA)}, torch {prov.get('torch', NA)}, "
@@ -169,16 +163,16 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _curve(run: dict[str, Any], name: str, key: str) -> np.ndarray:
-    values = _floats(_get(run, "curve", key))
-    n_steps = len(_get(run, "curve", "step") or [])
+def _curve(run: RunResult, name: str, key: str) -> np.ndarray:
+    values = _floats(run.curve.get(key))
+    n_steps = len(run.curve.get("step") or [])
     if values.size not in (0, n_steps):
-        raise ValueError(f"results['runs'][{name!r}]['curve'][{key!r}]: expected {n_steps} values "
+        raise ValueError(f"results.runs[{name!r}].curve[{key!r}]: expected {n_steps} values "
                          f"(one per step), got {values.size}")
     return values
 
 
-def plot_error_curves(results: dict[str, Any], path: str | Path) -> Path:
+def plot_error_curves(results: Comparison, path: str | Path) -> Path:
     """Test error (%) per online step, one line per run, and MD per step below it.
 
     The trigger of each run comes after its ``steps_run`` accumulative steps; it
@@ -192,20 +186,15 @@ def plot_error_curves(results: dict[str, Any], path: str | Path) -> Path:
     fig = Figure(figsize=(8, 7.5 if has_md else 4.8), layout="tight")
     axes = fig.subplots(2 if has_md else 1, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
-    burnin_err = _get(results, "burnin", "test_error")
-    if burnin_err is not None:
-        ax.axhline(100 * burnin_err, color="0.5", ls="--", lw=1, label="after burn-in")
+    ax.axhline(100 * results.burnin.test_error, color="0.5", ls="--", lw=1, label="after burn-in")
     for i, (name, run) in enumerate(runs.items()):
-        steps = np.asarray(_get(run, "curve", "step") or [], dtype=np.float64)
+        steps = np.asarray(run.curve.get("step") or [], dtype=np.float64)
         err = _curve(run, name, "test_error")
         if err.size:
             ax.plot(steps, 100 * err, color=_color(i), lw=1.6, label=name)
-        trigger_step = run.get("steps_run")
-        if trigger_step is not None:
-            ax.axvline(trigger_step, color=_color(i), ls=":", lw=1.2)
-            if run.get("error_after_trigger") is not None:
-                ax.plot([trigger_step], [100 * run["error_after_trigger"]], marker="*", ms=13,
-                        color=_color(i), mec="k", mew=0.6, ls="none")
+        ax.axvline(run.steps_run, color=_color(i), ls=":", lw=1.2)
+        ax.plot([run.steps_run], [100 * run.error_after_trigger], marker="*", ms=13,
+                color=_color(i), mec="k", mew=0.6, ls="none")
     handles, _ = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], color="k", ls=":", marker="*", ms=10, label="trigger (★ error after)"))
     ax.legend(handles=handles, fontsize=8, ncol=2, loc="best")
@@ -215,7 +204,7 @@ def plot_error_curves(results: dict[str, Any], path: str | Path) -> Path:
     if has_md:
         ax_md = axes[1]
         for i, (name, run) in enumerate(runs.items()):
-            steps = np.asarray(_get(run, "curve", "step") or [], dtype=np.float64)
+            steps = np.asarray(run.curve.get("step") or [], dtype=np.float64)
             for key, ls in (("md_poisoned", "-"), ("md_clean", "--")):
                 md = _curve(run, name, key)
                 if np.isfinite(md).any():
@@ -231,7 +220,7 @@ def plot_error_curves(results: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_md_histograms(results: dict[str, Any], path: str | Path) -> Path:
+def plot_md_histograms(results: Comparison, path: str | Path) -> Path:
     """Histograms of per-sample MD on clean vs poisoned samples, one panel per run with scores.
 
     Each panel uses 40 bins shared by both classes and density normalisation
@@ -241,13 +230,13 @@ def plot_md_histograms(results: dict[str, Any], path: str | Path) -> Path:
     """
     runs = _runs(results)
     panels = [(i, name, run) for i, (name, run) in enumerate(runs.items())
-              if len(_get(run, "scores", "clean") or []) + len(_get(run, "scores", "poisoned") or []) > 0]
+              if len(run.scores.get("clean") or []) + len(run.scores.get("poisoned") or []) > 0]
     ncols = min(3, max(1, len(panels)))
     nrows = max(1, math.ceil(len(panels) / ncols))
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="tight")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (i, name, run) in zip(axes, panels):
-        clean, poisoned = _floats(_get(run, "scores", "clean")), _floats(_get(run, "scores", "poisoned"))
+        clean, poisoned = _floats(run.scores.get("clean")), _floats(run.scores.get("poisoned"))
         both = np.concatenate([clean, poisoned])
         both = both[np.isfinite(both)]
         bins = np.histogram_bin_edges(both, bins=40) if both.size else 40
@@ -256,7 +245,7 @@ def plot_md_histograms(results: dict[str, Any], path: str | Path) -> Path:
             if values.size:
                 ax.hist(values, bins=bins, density=True, alpha=0.55, color=color,
                         label=f"{label} (n={values.size})")
-        auc = _get(run, "detection", "per_sample", "auroc")
+        auc = _get(run.detection, "per_sample", "auroc")
         ax.set_title(name if auc is None else f"{name}  (AUROC {auc:.3f})", fontsize=10)
         ax.set_xlabel("memorization discrepancy")
         ax.set_ylabel("density")
@@ -270,7 +259,7 @@ def plot_md_histograms(results: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_roc(results: dict[str, Any], path: str | Path) -> Path:
+def plot_roc(results: Comparison, path: str | Path) -> Path:
     """Per-sample ROC curves (FPR and TPR in %) of the runs with detection, AUROC in the legend.
 
     Draws the chance diagonal and a dotted vertical line at the FPR target.
@@ -283,7 +272,7 @@ def plot_roc(results: dict[str, Any], path: str | Path) -> Path:
     ax.axvline(100 * target, color="0.3", ls=":", lw=1, label=f"FPR {100 * target:g}%")
     drawn = 0
     for i, (name, run) in enumerate(runs.items()):
-        det = _get(run, "detection", "per_sample")
+        det = _get(run.detection, "per_sample")
         if det is None:
             continue
         fpr, tpr = np.asarray(det["roc"]["fpr"]), np.asarray(det["roc"]["tpr"])
@@ -303,7 +292,7 @@ def plot_roc(results: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_report(results: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.md`` (table, notes, figure links) and the three PNGs into ``out_dir``.
 
     Returns ``{"markdown", "error_curves", "md_histograms", "roc"} -> Path``.

@@ -1,0 +1,16 @@
+"""Experiments: grids of runs over named axes and seeds, resumable, with one result schema.
+
+* ``grid.py``: :class:`Grid` (axes x seeds -> :class:`Cell`, each with a stable id and its own directory);
+* ``runner.py``: :func:`run_grid` (every cell through a cell function, resumable, failures reported by
+  id) and the executor seam (:func:`sequential`);
+* ``results.py``: the one result schema, :class:`CellResult` (a cell's typed payload in an envelope),
+  :class:`CellFailure` and :class:`GridResults` (the file of a whole grid);
+* ``compare.py``: ``memdisc compare`` as a preset of the grid; ``summary.py`` its summary over seeds;
+  ``report.py`` its Markdown table and figures.
+"""
+from memdisc.experiments.grid import Cell, Grid
+from memdisc.experiments.results import PAYLOADS, CellFailure, CellResult, GridResults
+from memdisc.experiments.runner import Executor, GridError, run_grid, sequential
+
+__all__ = ["Cell", "CellFailure", "CellResult", "Executor", "Grid", "GridError", "GridResults", "PAYLOADS",
+           "run_grid", "sequential"]
