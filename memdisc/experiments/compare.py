@@ -74,7 +74,8 @@ class CompareConfig:
     data_dir: str | None = field(None, "directory holding the dataset files", path="data")
     model: str = field("cnn", "model name: cnn, resnet18")
     preset: str = field("auto", "defaults: cpu-demo, seed-cifar10, or auto (seed-cifar10 for cifar10+resnet18)")
-    defenses: list[str] = field(DEFAULT_DEFENSES, "defences to compare (the control always runs)")
+    defenses: list[str] = field(DEFAULT_DEFENSES, f"defences to compare, of {', '.join(DEFENSES)} (the control "
+                                                  "always runs)")
     seed: int = field(0, "random seed of every phase (the first seed with --repeats)")
     repeats: int = field(1, "independent repetitions with seeds seed, seed+1, ...: each in OUT/seed-N with its own "
                             "burn-in, plus a summary over seeds")
