@@ -6,7 +6,6 @@ Tiny models on 1x8x8 inputs keep every test around a second.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memdisc.attacks import ATTACKS, build_attack
 from memdisc.attacks.generative import (ConvAutoencoder, GenerativeConfig, craft_generative_poisons,
                                         generative_round, generator_output_gradient, train_generator)
 from memdisc.attacks.gradient import (GradientConfig, craft_gradient_poisons, poison_gradient, poison_objective,
@@ -302,3 +302,42 @@ def test_generative_attack_refuses_bad_arguments_by_name():
 def test_generative_config_names_the_bad_option(option, value):
     with pytest.raises(OptionError, match=f"^{option}: expected"):
         GenerativeConfig(**{option: value})
+
+
+# ---- the registered offline attacks "gradient" and "generative" ------------------------------------
+
+def offline_setup():
+    model, x_fit, x_seed, y_seed, x_val, y_val = generative_setup()
+    x_train, y_train = torch.cat([x_seed, x_fit]), torch.cat([y_seed, torch.randint(0, 10, (40,))])
+    return model, x_train, y_train, x_val, y_val
+
+
+@pytest.mark.parametrize("name, cfg", [("gradient", GradientConfig(fraction=0.2, rounds=3, val_size=12)),
+                                       ("generative", dataclasses.replace(SMALL, fraction=0.2, ae_fit_size=30))])
+def test_the_registered_attack_replaces_its_rows_by_the_plain_functions_poisons(name, cfg):
+    model, x, y, x_val, y_val = offline_setup()
+    out = build_attack(name, 4, cfg, num_classes=10, x_val=x_val, y_val=y_val).poison(model, x, y, 0)
+    g = torch.Generator().manual_seed(4)  # memdisc.attacks.offline: the seed's generator draws the rows, in order
+    rows = torch.randperm(x.shape[0], generator=g)[:10]
+    assert torch.equal(out.poisoned.nonzero().flatten(), rows.sort().values)
+    assert torch.equal(out.y[rows], (y[rows] + 1) % 10)
+    if name == "gradient":
+        expected = craft_gradient_poisons(model, x[rows], (y[rows] + 1) % 10, x_val, y_val, cfg)
+    else:  # then the same generator draws the auto-encoder's fit rows
+        fit = torch.randperm(x.shape[0], generator=g)[:cfg.ae_fit_size]
+        expected, _ = craft_generative_poisons(model, x[fit], x[rows], y[rows], x_val, y_val, 10, cfg, 4)
+    assert torch.equal(out.x[rows], expected)
+
+
+@pytest.mark.parametrize("name", ["gradient", "generative"])
+def test_the_registered_attack_needs_the_victim_and_validation_data(name):
+    model, x, y, x_val, y_val = offline_setup()
+    with pytest.raises(ValueError, match=f"^x_val: the {name} attack needs clean validation data"):
+        build_attack(name, 0, num_classes=10)
+    attack = build_attack(name, 0, num_classes=10, x_val=x_val, y_val=y_val)
+    with pytest.raises(ValueError, match=f"^model: the {name} attack crafts its poisons against the victim"):
+        attack.poison(None, x, y, 0)
+    assert attack.victim is None and attack.clean is None  # nothing held after a call
+    cfg = ATTACKS[name].config_class(fraction=0.0)
+    out = build_attack(name, 0, cfg, num_classes=10, x_val=x_val, y_val=y_val).poison(model, x, y, 0)
+    assert not out.poisoned.any() and torch.equal(out.x, x) and torch.equal(out.y, y)

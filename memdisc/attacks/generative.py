@@ -39,12 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from memdisc.attacks.gradient import lr_scales, trainable_parameters, unrolled_parameters, victim_eval_mode
+from memdisc.attacks.base import register_attack
+from memdisc.attacks.gradient import (OptimalPoisonAttack, lr_scales, poison_labels, trainable_parameters,
+                                      unrolled_parameters, victim_eval_mode)
 from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, check_seed, field
 
-__all__ = ["GenerativeConfig", "ConvAutoencoder", "fit_autoencoder", "generator_output_gradient",
-           "generative_round", "train_generator", "craft_generative_poisons"]
+__all__ = ["GenerativeConfig", "GenerativeAttack", "ConvAutoencoder", "fit_autoencoder",
+           "generator_output_gradient", "generative_round", "train_generator", "craft_generative_poisons"]
 
 
 @dataclasses.dataclass
@@ -52,6 +54,8 @@ class GenerativeConfig:
     """Options of the generative attack (the seed's in brackets: 10 rounds, generator lr 0.005,
     victim lr 0.05, biases 2x, 10 validation points, one seed image)."""
 
+    fraction: float = field(0.1, "fraction of the training set replaced by poisons")
+    ae_fit_size: int = field(10_000, "clean training images the auto-encoder is fitted on (a seeded draw)")
     ae_epochs: int = field(2, "epochs fitting G as an auto-encoder on clean images (MSE)")
     ae_lr: float = field(1e-3, "Adam learning rate of the auto-encoder fit")
     ae_batch_size: int = field(64, "batch size of the auto-encoder fit")
@@ -63,8 +67,9 @@ class GenerativeConfig:
     val_size: int = field(100, "clean validation points of the loss L and its input gradient (seed: 10)")
 
     def __post_init__(self):
-        """Counts >= 1, learning rates > 0, bias factor >= 0, all finite."""
-        for name in ("ae_epochs", "ae_batch_size", "rounds", "seed_batch", "val_size"):
+        """fraction in [0, 1], counts >= 1, learning rates > 0, bias factor >= 0, all finite."""
+        check_number("fraction", self.fraction, 0.0, 1.0)
+        for name in ("ae_fit_size", "ae_epochs", "ae_batch_size", "rounds", "seed_batch", "val_size"):
             check_int(name, getattr(self, name))
         for name in ("ae_lr", "generator_lr", "victim_lr"):
             check_number(name, getattr(self, name), 0.0, strict=True)
@@ -192,7 +197,7 @@ def train_generator(model: nn.Module, x_fit: torch.Tensor, x_seed: torch.Tensor,
     history = {"ae_mse": fit_autoencoder(generator, x_fit, cfg.ae_epochs, cfg.ae_batch_size, cfg.ae_lr, rng),
                "loss": []}
     x_val, y_val = x_val[:cfg.val_size], y_val[:cfg.val_size]
-    y_poison, prev_loss, batch = (y_seed + 1) % num_classes, 0.0, min(cfg.seed_batch, x_seed.shape[0])
+    y_poison, prev_loss, batch = poison_labels(y_seed, num_classes), 0.0, min(cfg.seed_batch, x_seed.shape[0])
     for _ in range(cfg.rounds):
         rows = torch.randperm(x_seed.shape[0], generator=rng)[:batch].to(x_seed.device)
         prev_loss = generative_round(generator, model, x_seed[rows], y_poison[rows], x_val, y_val, prev_loss,
@@ -205,7 +210,24 @@ def craft_generative_poisons(model: nn.Module, x_fit: torch.Tensor, x_seed: torc
                              x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int, cfg: GenerativeConfig,
                              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [P, C, H, W] in (0, 1), y [P])``: ``G(x_seed)`` of a generator from :func:`train_generator`
-    (same arguments) and the labels ``(y_seed + 1) mod num_classes``."""
+    (same arguments) and the labels :func:`poison_labels` ``(y_seed + 1) mod num_classes``."""
     generator, _ = train_generator(model, x_fit, x_seed, y_seed, x_val, y_val, num_classes, cfg, seed)
     with torch.no_grad():
-        return generator(x_seed), (y_seed + 1) % num_classes
+        return generator(x_seed), poison_labels(y_seed, num_classes)
+
+
+@register_attack("generative")
+class GenerativeAttack(OptimalPoisonAttack):
+    """The generative attack (module docstring): ``fraction`` of the training set replaced by ``G(x)``
+    of the chosen rows, G fitted on ``cfg.ae_fit_size`` clean rows of the training set (drawn by
+    the row generator) and trained on the chosen rows; ``cfg`` a :class:`GenerativeConfig`."""
+
+    config_class = GenerativeConfig
+
+    def craft(self, x, y, generator):
+        fit = torch.randperm(self.clean.shape[0], generator=generator)[:self.cfg.ae_fit_size].to(x.device)
+        x_val, y_val = self.validation(x.device)
+        g, _ = train_generator(self.victim, self.clean[fit], x, y, x_val, y_val, self.data.num_classes, self.cfg,
+                               self.seed)
+        with torch.no_grad():
+            return g(x)

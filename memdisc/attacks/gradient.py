@@ -30,6 +30,7 @@ port is ``bench/fd_direct_attack.py``, the baseline of ``bench/bench_poison_craf
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from typing import Iterator
@@ -39,11 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from memdisc.attacks.base import AttackData, register_attack
+from memdisc.attacks.offline import OfflineAttack
 from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, field
 
-__all__ = ["GradientConfig", "victim_eval_mode", "trainable_parameters", "lr_scales", "unrolled_parameters",
-           "poison_objective", "poison_gradient", "craft_gradient_poisons"]
+__all__ = ["GradientConfig", "GradientAttack", "OptimalPoisonAttack", "poison_labels", "victim_eval_mode",
+           "trainable_parameters", "lr_scales", "unrolled_parameters", "poison_objective", "poison_gradient",
+           "craft_gradient_poisons"]
 
 
 @dataclasses.dataclass
@@ -51,6 +55,7 @@ class GradientConfig:
     """Options of the direct gradient attack (the seed's in brackets: 5 rounds of step 0.2, lr 0.05,
     biases 2x, 10 validation points, one unrolled step)."""
 
+    fraction: float = field(0.1, "fraction of the training set replaced by poisons")
     rounds: int = field(10, "signed steps per poison point (seed: 5)")
     step_size: float = field(0.05, "signed step on the pixels per round (seed: 0.2)")
     victim_lr: float = field(0.05, "SGD learning rate of the victim's unrolled steps (seed: 0.05)")
@@ -61,12 +66,18 @@ class GradientConfig:
     chunk: int = field(32, "poison points per vmapped call (memory: chunk x val_size forward passes)")
 
     def __post_init__(self):
-        """Counts >= 1, step and learning rate > 0, bias factor >= 0, all finite."""
+        """fraction in [0, 1], counts >= 1, step and learning rate > 0, bias factor >= 0, all finite."""
+        check_number("fraction", self.fraction, 0.0, 1.0)
         for name in ("rounds", "unroll_steps", "val_size", "chunk"):
             check_int(name, getattr(self, name))
         check_number("step_size", self.step_size, 0.0, strict=True)
         check_number("victim_lr", self.victim_lr, 0.0, strict=True)
         check_number("bias_lr_scale", self.bias_lr_scale, 0.0)
+
+
+def poison_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels the seed's optimal poisons carry: ``(y + 1) mod num_classes`` (``[P]`` int64)."""
+    return (y + 1) % num_classes
 
 
 @contextlib.contextmanager
@@ -173,7 +184,7 @@ def craft_gradient_poisons(model: nn.Module, x_p: torch.Tensor, y_p: torch.Tenso
 
     Every round: ``x_p <- clamp(x_p + cfg.step_size * sign(dL/dx_p), 0, 1)`` with ``L`` over the
     first ``cfg.val_size`` rows of ``x_val`` (all if fewer).  ``y_p`` (``[P]`` int64) are the labels the
-    poisons carry (the seed: ``(y + 1) mod C``); arguments otherwise as :func:`poison_objective`.
+    poisons carry (the seed's: :func:`poison_labels`); arguments otherwise as :func:`poison_objective`.
     """
     if not isinstance(cfg, GradientConfig):
         raise ValueError(f"cfg: expected a GradientConfig, got {describe(cfg)}")
@@ -185,3 +196,60 @@ def craft_gradient_poisons(model: nn.Module, x_p: torch.Tensor, y_p: torch.Tenso
                                cfg.chunk)
         x = (x + cfg.step_size * g.sign()).clamp_(0.0, 1.0)
     return x
+
+
+class OptimalPoisonAttack(OfflineAttack):
+    """An offline attack of Yang et al.: the chosen rows become poisons crafted against the victim,
+    with the labels :func:`poison_labels`.
+
+    ``poison(model, x, y, 0)`` needs ``model`` (the victim the poisons are crafted against: the
+    attacker's pre-trained model) and holds it and the clean set ``x`` as ``self.victim`` /
+    ``self.clean`` while :meth:`OfflineAttack.poison` draws the rows and calls :meth:`replace`
+    (whose signature carries neither).  ``data`` must hold the clean validation data ``x_val`` /
+    ``y_val`` (the objective's; the first ``cfg.val_size`` rows are used).  The model is never
+    modified; the state is empty.
+    """
+
+    def __init__(self, cfg, data: AttackData, seed: int):
+        super().__init__(cfg, data, seed)
+        if data.x_val is None:
+            raise ValueError(f"x_val: the {self.name} attack needs clean validation data (x_val, y_val), got none")
+        self.victim: nn.Module | None = None
+        self.clean: torch.Tensor | None = None
+
+    def poison(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int = 0):
+        """:meth:`OfflineAttack.poison` with ``model`` required (an nn.Module)."""
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: the {self.name} attack crafts its poisons against the victim; expected an "
+                             f"nn.Module, got {describe(model)}")
+        self.victim, self.clean = model, x
+        try:
+            return super().poison(model, x, y, step)
+        finally:
+            self.victim = self.clean = None
+
+    def validation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``cfg.val_size`` rows of the attacker's validation data, on ``device``."""
+        n = self.cfg.val_size
+        return self.data.x_val[:n].to(device), self.data.y_val[:n].to(device)
+
+    def replace(self, x, y, generator):
+        """``(craft(x, y, generator), poison_labels(y))``; nothing to craft for zero rows."""
+        x_poison = x.clone() if x.shape[0] == 0 else self.craft(x, y, generator)
+        return x_poison, poison_labels(y, self.data.num_classes)
+
+    @abc.abstractmethod
+    def craft(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The poisons ``[n, ...]`` made from the chosen clean rows ``x [n, ...]`` (labels ``y [n]``)."""
+
+
+@register_attack("gradient")
+class GradientAttack(OptimalPoisonAttack):
+    """The direct gradient attack (module docstring): ``fraction`` of the training set replaced by
+    :func:`craft_gradient_poisons` of the chosen rows; ``cfg`` a :class:`GradientConfig`."""
+
+    config_class = GradientConfig
+
+    def craft(self, x, y, generator):
+        x_val, y_val = self.validation(x.device)
+        return craft_gradient_poisons(self.victim, x, poison_labels(y, self.data.num_classes), x_val, y_val, self.cfg)
