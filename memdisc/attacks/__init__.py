@@ -15,6 +15,7 @@ from memdisc.attacks.crafting import (NORM_EPS, accumulative_direction, craft_al
                                       gradient_alignment)
 from memdisc.attacks.label_flip import LabelFlipAttack, LabelFlipConfig
 from memdisc.attacks.offline import OfflineAttack, poison_count
+from memdisc.attacks import generative, gradient  # noqa: F401 - registers "generative" and "gradient"
 
 __all__ = ["Attack", "PoisonedBatch", "AttackData", "KINDS", "ATTACKS", "register_attack", "build_attack",
            "AccumulativeAttack", "AttackConfig", "OfflineAttack", "poison_count", "LabelFlipAttack",
