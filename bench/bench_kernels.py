@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import out_dir_arg, peak_memory_mb, provenance, time_interleaved, write_csv_atomic  # noqa: E402
 
 import memdisc.ops as ops  # noqa: E402
-from memdisc.ops.library import kernel_isa  # noqa: E402
+from memdisc.ops.extension import kernel_isa  # noqa: E402
 from memdisc.ops.reference import discrepancy_reference, pgd_step_reference  # noqa: E402
 
 PAPER_DISC = [(1, 100, 10)]

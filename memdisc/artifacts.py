@@ -1,4 +1,4 @@
-"""Files a run writes: atomic writes, provenance, run directories, snapshots.
+"""Files a run writes: atomic writes, provenance, run directories, model files.
 
 Every file is written to a temporary name in the same directory and renamed
 into place, so a killed run never leaves a half-written file behind; the
@@ -128,7 +128,7 @@ def cpu_instruction_sets() -> dict[str, str]:
     kernels (capped by ATEN_CPU_CAPABILITY); ``onednn``: the cap on oneDNN's convolutions and
     matmuls (ONEDNN_MAX_CPU_ISA, "unrestricted" when unset: the best the CPU has).
     """
-    from memdisc.ops.library import kernel_isa
+    from memdisc.ops.extension import kernel_isa
 
     model = "unknown"
     with contextlib.suppress(OSError):
@@ -151,16 +151,23 @@ def provenance(seed: int | None = None, device: torch.device | str = "cpu") -> d
             "cpu_isa": cpu_instruction_sets(), "extension": extension_loaded(), "seed": seed}
 
 
-def save_snapshot(path: str | Path, *, model: torch.nn.Module, model_spec: dict[str, Any], epoch: int,
-                  test_error: float, config: dict[str, Any], seed: int,
-                  optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Atomically save a model snapshot.
+MODEL_FILE_FORMAT = "memdisc-model-1"
+"""The ``format`` tag of a model file; files written before the rename carry ``memdisc-snapshot-1``
+(the same layout), and load unchanged."""
+_READABLE_FORMATS = (MODEL_FILE_FORMAT, "memdisc-snapshot-1")
 
-    The file holds: ``state_dict``, ``model_spec`` (the ``build_model`` kwargs, so the
-    network can be rebuilt without the config), ``optimizer`` state, ``epoch``,
-    ``test_error``, the full ``config``, ``seed``, ``provenance`` and ``extra``.
+
+def save_model_file(path: str | Path, *, model: torch.nn.Module, model_spec: dict[str, Any], epoch: int,
+                    test_error: float, config: dict[str, Any], seed: int,
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically save a model file: a network with what rebuilds it (the burn-in's historical
+    snapshots ``snapshots/epoch_NNN.pt`` and its resumable ``checkpoint.pt`` are such files).
+
+    The file holds: ``format`` (:data:`MODEL_FILE_FORMAT`), ``state_dict``, ``model_spec`` (the
+    ``build_model`` kwargs, so the network can be rebuilt without the config), ``optimizer`` state,
+    ``epoch``, ``test_error``, the full ``config``, ``seed``, ``provenance`` and ``extra``.
     """
-    payload = {"format": "memdisc-snapshot-1", "state_dict": model.state_dict(), "model_spec": model_spec,
+    payload = {"format": MODEL_FILE_FORMAT, "state_dict": model.state_dict(), "model_spec": model_spec,
                "optimizer": optimizer.state_dict() if optimizer is not None else None, "epoch": epoch,
                "test_error": test_error, "config": config, "seed": seed,
                "provenance": provenance(seed, next(model.parameters()).device),
@@ -176,25 +183,25 @@ def load_torch_file(path: str | Path, remedy: str, map_location: Any = "cpu") ->
         raise ValueError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc}); {remedy}") from exc
 
 
-_SNAPSHOT_REMEDY = "the file is damaged: run the burn-in again in a fresh --out directory"
+_MODEL_FILE_REMEDY = "the file is damaged: run the burn-in again in a fresh --out directory"
 
 
-def load_snapshot(path: str | Path, remedy: str = _SNAPSHOT_REMEDY) -> dict[str, Any]:
-    """Load a snapshot written by ``save_snapshot``; errors naming the file for a missing, damaged
+def load_model_file(path: str | Path, remedy: str = _MODEL_FILE_REMEDY) -> dict[str, Any]:
+    """Load a model file written by ``save_model_file``; errors naming the file for a missing, damaged
     (ending in ``remedy``: what to do) or foreign one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such snapshot (run `memdisc burnin` first)")
+        raise FileNotFoundError(f"{path}: no such model file (run `memdisc burnin` first)")
     payload = load_torch_file(path, remedy)
-    if not isinstance(payload, dict) or payload.get("format") != "memdisc-snapshot-1":
-        raise ValueError(f"{path}: not a memdisc snapshot; {remedy}")
+    if not isinstance(payload, dict) or payload.get("format") not in _READABLE_FORMATS:
+        raise ValueError(f"{path}: not a memdisc model file; {remedy}")
     return payload
 
 
-def model_from_snapshot(snapshot: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild the network recorded in a snapshot and load its weights."""
+def model_from_file(payload: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild the network recorded in a model file's payload (``load_model_file``) and load its weights."""
     from memdisc.models import build_model
 
-    model = build_model(**snapshot["model_spec"])
-    model.load_state_dict(snapshot["state_dict"])
+    model = build_model(**payload["model_spec"])
+    model.load_state_dict(payload["state_dict"])
     return model.to(device)

@@ -64,7 +64,7 @@ def _info(_cfg):
     import torch
 
     from memdisc.artifacts import provenance
-    from memdisc.ops.library import extension_error, extension_report
+    from memdisc.ops.extension import extension_error, extension_report
     info = provenance()
     info["extension_error"] = extension_error()
     info["extension_build"] = extension_report()

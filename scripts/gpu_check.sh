@@ -66,7 +66,7 @@ step "CUDA kernels registered, then pytest -m cuda tests/test_ops.py (every op a
 # Two steps joined by &&: without the CUDA kernels the -m cuda tests would compare the reference with itself.
 if MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" -c "
 import sys, torch
-from memdisc.ops.library import extension_report, missing_kernels
+from memdisc.ops.extension import extension_report, missing_kernels
 print(extension_report(), '| device:', torch.cuda.get_device_name())
 sys.exit(f'no compiled kernel for {missing_kernels()}' if missing_kernels() else 0)" > "$OUT/cuda_smoke.log" 2>&1 \
   && MEMDISC_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest -q -m cuda tests/test_ops.py >> "$OUT/cuda_smoke.log" 2>&1; then

@@ -48,7 +48,7 @@ import os
 import subprocess
 import sys
 
-from memdisc.ops.library import extension_report, missing_kernels
+from memdisc.ops.extension import extension_report, missing_kernels
 
 report = extension_report()
 print(json.dumps(report, indent=2))

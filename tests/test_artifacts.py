@@ -12,7 +12,8 @@ import torch
 import memdisc
 from memdisc import artifacts
 from memdisc.artifacts import (atomic_torch_save, atomic_write_bytes, atomic_write_text, git_commit,
-                               load_snapshot, model_from_snapshot, provenance, save_snapshot, write_json)
+                               MODEL_FILE_FORMAT, load_model_file, model_from_file, provenance, save_model_file,
+                               write_json)
 from memdisc.models import build_model
 
 PROVENANCE_KEYS = {"memdisc", "torch", "numpy", "python", "commit", "device", "cpu_isa", "extension", "seed"}
@@ -141,47 +142,62 @@ def tiny_model():
 
 def test_snapshot_round_trip(tmp_path, tiny_model):
     model, spec, opt, x = tiny_model
-    path = save_snapshot(tmp_path / "snaps" / "epoch_003.pt", model=model, model_spec=spec, epoch=3,
-                         test_error=0.25, config={"lr": 0.1}, seed=5, optimizer=opt, extra={"note": "x"})
+    path = save_model_file(tmp_path / "snaps" / "epoch_003.pt", model=model, model_spec=spec, epoch=3,
+                           test_error=0.25, config={"lr": 0.1}, seed=5, optimizer=opt, extra={"note": "x"})
     assert _mode(path) == 0o644 and os.listdir(path.parent) == ["epoch_003.pt"]
-    snap = load_snapshot(path)
-    assert snap["format"] == "memdisc-snapshot-1"
+    snap = load_model_file(path)
+    assert snap["format"] == MODEL_FILE_FORMAT == "memdisc-model-1"
     assert (snap["epoch"], snap["test_error"], snap["config"], snap["seed"], snap["extra"]) == \
         (3, 0.25, {"lr": 0.1}, 5, {"note": "x"})
     assert snap["model_spec"] == spec
     assert set(snap["provenance"]) == PROVENANCE_KEYS and snap["provenance"]["seed"] == 5
     buffers = [s["momentum_buffer"] for s in snap["optimizer"]["state"].values()]
     assert len(buffers) == len(list(model.parameters())) and all(b.abs().sum() > 0 for b in buffers)
-    rebuilt = model_from_snapshot(snap)
+    rebuilt = model_from_file(snap)
     assert torch.equal(rebuilt.eval()(x), model(x))
     assert torch.equal(rebuilt.normalize.mean, torch.tensor([0.3]).view(1, 1, 1, 1))
 
 
 def test_snapshot_without_optimizer(tmp_path, tiny_model):
     model, spec, _, _ = tiny_model
-    path = save_snapshot(tmp_path / "s.pt", model=model, model_spec=spec, epoch=1, test_error=0.5, config={},
-                         seed=0)
-    snap = load_snapshot(path)
+    path = save_model_file(tmp_path / "s.pt", model=model, model_spec=spec, epoch=1, test_error=0.5, config={},
+                           seed=0)
+    snap = load_model_file(path)
     assert snap["optimizer"] is None and snap["extra"] == {}
 
 
-def test_load_snapshot_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"^\S*nope\.pt: no such snapshot .*memdisc burnin"):
-        load_snapshot(tmp_path / "nope.pt")
+def test_load_model_file_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^\S*nope\.pt: no such model file .*memdisc burnin"):
+        load_model_file(tmp_path / "nope.pt")
 
 
-def test_load_snapshot_not_a_torch_file(tmp_path):
+def test_load_model_file_not_a_torch_file(tmp_path):
     path = tmp_path / "text.pt"
     path.write_text("hello, I am not a checkpoint\n")
     with pytest.raises(ValueError, match=r"^\S*text\.pt: not a readable torch file \(.*\); the file is damaged"):
-        load_snapshot(path)
+        load_model_file(path)
     with pytest.raises(ValueError, match=r"text\.pt: not a readable torch file .*; delete it"):
-        load_snapshot(path, remedy="delete it")
+        load_model_file(path, remedy="delete it")
 
 
 @pytest.mark.parametrize("payload", [{"state_dict": {}}, [1, 2], {"format": "other-1"}])
-def test_load_snapshot_foreign_torch_file(tmp_path, payload):
+def test_load_model_file_foreign_torch_file(tmp_path, payload):
     path = tmp_path / "foreign.pt"
     torch.save(payload, path)
-    with pytest.raises(ValueError, match=r"^\S*foreign\.pt: not a memdisc snapshot; "):
-        load_snapshot(path)
+    with pytest.raises(ValueError, match=r"^\S*foreign\.pt: not a memdisc model file; "):
+        load_model_file(path)
+
+
+def test_model_file_written_under_the_old_format_name_loads(tmp_path):
+    """A file from before the rename (format ``memdisc-snapshot-1``, same layout) loads unchanged."""
+    torch.manual_seed(0)
+    spec = {"name": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 28}
+    model = build_model(**spec)
+    path = save_model_file(tmp_path / "old.pt", model=model, model_spec=spec, epoch=1, test_error=0.5, config={},
+                           seed=0)
+    payload = torch.load(path, weights_only=False)
+    payload["format"] = "memdisc-snapshot-1"
+    torch.save(payload, path)
+    rebuilt = model_from_file(load_model_file(path))
+    for (k, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -12,7 +12,7 @@ import torch
 
 import memdisc.training.supervised as burnin_module
 from memdisc.cli import main
-from memdisc.ops.library import KERNEL_OPS
+from memdisc.ops.extension import KERNEL_OPS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from memdisc.artifacts import load_snapshot, model_from_snapshot, save_snapshot
+from memdisc.artifacts import load_model_file, model_from_file, save_model_file
 from memdisc.cli import main
 from memdisc.config import build
 from memdisc.models import MODELS, ZOO, build_model, classifier_head, load_weights
@@ -182,10 +182,10 @@ def test_small_cnn_loads_a_state_dict_of_the_earlier_layer_names(norm, tmp_path)
     old_state = {old(k): v.clone() for k, v in model.state_dict().items()}
     assert "features.0.weight" in old_state and "classifier.3.weight" in old_state
     spec = {"name": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 28, "norm": norm}
-    save_snapshot(tmp_path / "old.pt", model=model, model_spec=spec, epoch=1, test_error=0.5, config={}, seed=0)
-    payload = load_snapshot(tmp_path / "old.pt")
+    save_model_file(tmp_path / "old.pt", model=model, model_spec=spec, epoch=1, test_error=0.5, config={}, seed=0)
+    payload = load_model_file(tmp_path / "old.pt")
     payload["state_dict"] = old_state
-    loaded = model_from_snapshot(payload)
+    loaded = model_from_file(payload)
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert old_state.keys() == {old(k) for k in model.state_dict()}  # the caller's dict is not changed

@@ -535,7 +535,7 @@ def test_cpu_isa_variants_agree():
         kl = ops.discrepancy(ar, br, 0.9, False) + ops.discrepancy(ar, br, 0.9, True)
         kl.sum().backward()
         x = torch.rand(45, 37); ops.pgd_step_(x, a, x.clone() * 0.9, step=0.05, eps=0.03)
-        from memdisc.ops.library import kernel_isa
+        from memdisc.ops.extension import kernel_isa
         torch.save({"isa": kernel_isa(), "kl": kl.detach(), "ga": ar.grad, "gb": br.grad, "x": x},
                    %r)
     """

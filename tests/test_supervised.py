@@ -11,7 +11,7 @@ import torch
 
 import memdisc
 import memdisc.training.supervised as burnin_module
-from memdisc.artifacts import load_snapshot, model_from_snapshot
+from memdisc.artifacts import load_model_file, model_from_file
 from memdisc.config import to_dict
 from memdisc.data import load_dataset
 from memdisc.eval.classification import error_rate
@@ -31,7 +31,7 @@ def _config(data_dir: Path, out: Path, **overrides) -> BurninConfig:
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
-    return load_snapshot(path)["state_dict"]
+    return load_model_file(path)["state_dict"]
 
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -65,13 +65,13 @@ def test_history_and_run_directory(finished):
     assert config_json["provenance"]["seed"] == cfg.seed
     # Snapshots at the chosen epochs (every 2) and the last one; the checkpoint holds the last epoch.
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["epoch_002.pt", "epoch_003.pt"]
-    assert load_snapshot(out / "checkpoint.pt")["epoch"] == 3
+    assert load_model_file(out / "checkpoint.pt")["epoch"] == 3
     assert _no_temp_files(out) == []
 
 
 def test_snapshot_contents(finished):
     cfg, result = finished
-    snap = load_snapshot(snapshot_path(cfg.out, 2))
+    snap = load_model_file(snapshot_path(cfg.out, 2))
     assert snap["epoch"] == 2 and snap["seed"] == cfg.seed and snap["config"] == to_dict(cfg)
     assert snap["test_error"] == result["history"][1]["test_error"]
     assert snap["extra"]["history"] == result["history"][:2]
@@ -90,21 +90,21 @@ def test_snapshot_contents(finished):
 
 
 def test_rebuilt_snapshot_is_the_evaluated_model(finished):
-    """model_from_snapshot reproduces the recorded test error exactly and the checkpoint's logits."""
+    """model_from_file reproduces the recorded test error exactly and the checkpoint's logits."""
     cfg, result = finished
     x, y = load_dataset("fashion-mnist", "test", cfg.data_dir).tensors()
-    last = model_from_snapshot(load_snapshot(snapshot_path(cfg.out, 3))).eval()
+    last = model_from_file(load_model_file(snapshot_path(cfg.out, 3))).eval()
     assert error_rate(last, x, y) == result["history"][2]["test_error"]
-    ckpt = model_from_snapshot(load_snapshot(Path(cfg.out) / "checkpoint.pt")).eval()
+    ckpt = model_from_file(load_model_file(Path(cfg.out) / "checkpoint.pt")).eval()
     with torch.no_grad():
         assert torch.equal(last(x), ckpt(x))
-    middle = model_from_snapshot(load_snapshot(snapshot_path(cfg.out, 2))).eval()
+    middle = model_from_file(load_model_file(snapshot_path(cfg.out, 2))).eval()
     assert error_rate(middle, x, y) == result["history"][1]["test_error"]
 
 
 def test_training_reduces_test_error(finished):
     cfg, result = finished
-    spec = load_snapshot(snapshot_path(cfg.out, 3))["model_spec"]
+    spec = load_model_file(snapshot_path(cfg.out, 3))["model_spec"]
     torch.manual_seed(cfg.seed)  # the run's own initialisation
     untrained = build_model(**spec)
     x, y = load_dataset("fashion-mnist", "test", cfg.data_dir).tensors()
@@ -139,7 +139,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(finished, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run_burnin(resumed, progress=False)
     out = Path(resumed.out)
-    assert interrupted.calls == 2 and load_snapshot(out / "checkpoint.pt")["epoch"] == 1
+    assert interrupted.calls == 2 and load_model_file(out / "checkpoint.pt")["epoch"] == 1
     assert not (out / "history.json").exists() and _no_temp_files(out) == []
 
     restarted = _Epochs()
@@ -149,8 +149,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(finished, tmp_path, 
     _assert_same_weights(_state(out / "checkpoint.pt"), _state(Path(cfg.out) / "checkpoint.pt"))
     for epoch in (2, 3):
         _assert_same_weights(_state(snapshot_path(out, epoch)), _state(snapshot_path(cfg.out, epoch)))
-    ref_opt = load_snapshot(Path(cfg.out) / "checkpoint.pt")["optimizer"]["state"]
-    for key, state in load_snapshot(out / "checkpoint.pt")["optimizer"]["state"].items():
+    ref_opt = load_model_file(Path(cfg.out) / "checkpoint.pt")["optimizer"]["state"]
+    for key, state in load_model_file(out / "checkpoint.pt")["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], ref_opt[key]["momentum_buffer"])
     strip = [{k: h[k] for k in ("epoch", "test_error", "train_loss")} for h in result["history"]]
     assert [{k: h[k] for k in ("epoch", "test_error", "train_loss")} for h in again["history"]] == strip

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from memdisc.artifacts import load_snapshot, model_from_snapshot
+from memdisc.artifacts import load_model_file, model_from_file
 from memdisc.cli import main
 from memdisc.models import IMAGENET_MEAN, IMAGENET_STD, ZOO, ZooVictim, build_model, classifier_head, load_weights
 from memdisc.training.victim import TransferVictim, trainable_parameters
@@ -155,12 +155,12 @@ def test_burnin_from_the_command_line_with_weights(tmp_path, tiny_fashion_mnist,
                  str(tiny_fashion_mnist), "--epochs", "1", "--train-subset", "64", "--test-subset", "32",
                  "--batch-size", "32", "--device", "cpu", "--out", str(out)]) == 0
     assert f"tv-resnet18: loaded {path} except its head fc" in capsys.readouterr().out
-    snapshot = load_snapshot(out / "snapshots" / "epoch_001.pt")
+    snapshot = load_model_file(out / "snapshots" / "epoch_001.pt")
     assert snapshot["model_spec"] == {"name": "tv-resnet18", "in_channels": 1, "num_classes": 10, "image_size": 28,
                                       "norm": "auto"}
     assert snapshot["config"]["model_weights"] == str(path)
     path.unlink()
-    model = model_from_snapshot(snapshot).eval()
+    model = model_from_file(snapshot).eval()
     assert model(_pixels((2, 1, 28, 28))).shape == (2, 10)
     assert main(["burnin", "--model", "tv-resnet18", "--norm", "gn"]) == 2
     assert "norm (--norm): tv-resnet18 keeps torchvision's own normalisation layers; expected auto, got 'gn'" \

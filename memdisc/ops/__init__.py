@@ -14,7 +14,8 @@ import math
 import torch
 
 from memdisc.checks import describe
-from memdisc.ops.library import extension_error, extension_loaded
+from memdisc.ops import library  # noqa: F401  (defines the ops; loads the extension)
+from memdisc.ops.extension import extension_error, extension_loaded
 from memdisc.ops.reference import (discrepancy_backward_reference, discrepancy_reference,
                                    pgd_step_reference)
 

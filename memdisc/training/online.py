@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memdisc.artifacts import load_snapshot, model_from_snapshot, provenance, read_json, remove_stale_temp_files, write_json
+from memdisc.artifacts import load_model_file, model_from_file, provenance, read_json, remove_stale_temp_files, write_json
 from memdisc.attacks import AttackConfig, PoisonedBatch, build_attack
 from memdisc.config import (OptionError, check_choice, check_int, check_list, check_number, check_seed, comparable,
                             field, option_name, section, to_dict)
 from memdisc.data import BatchStream, load_dataset, mirror_ok
-from memdisc.defenses import DEFENSES, BaselineConfig, DefenseContext, DSCConfig, build_defense
+from memdisc.defenses import DEFENSES, BaselineConfig, DefenseContext, DSCConfig, FilterConfig, build_defense
 from memdisc.detectors import MDDetector
 from memdisc.eval.classification import error_rate
 from memdisc.eval.recorder import RunRecord
@@ -52,6 +52,7 @@ from memdisc.runtime.distributed import LOCAL, Comm
 from memdisc.snapshots import SnapshotSet
 from memdisc.training.checkpoint import load_state, save_state
 from memdisc.training.supervised import snapshot_path
+from memdisc.training.victim import trainable_parameters
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class OnlineConfig:
     attack: AttackConfig = section(AttackConfig, "the accumulative attack")
     dsc: DSCConfig = section(DSCConfig, "DSC options")
     baselines: BaselineConfig = section(BaselineConfig, "GC / AT options")
+    filter: FilterConfig = section(FilterConfig, "MD-drop / MD-reweight options (a detector as a defence)")
 
     def __post_init__(self):
         """A known defence; epoch lists of integers >= 1 giving at least one snapshot; counts >= 1;
@@ -162,17 +164,18 @@ class OnlineRun:
         self.eval_all = (x_eval, y_eval)
         self.eval_step = (x_eval[:cfg.eval_size], y_eval[:cfg.eval_size])
         self.trigger_clean = tuple(t.to(dev) for t in test.batch(trig_idx))
-        self.model = model_from_snapshot(start, dev)
-        history = [model_from_snapshot(self._load_burnin_snapshot(e), dev) for e in cfg.history_epochs]
+        self.model = model_from_file(start, dev)
+        history = [model_from_file(self._load_burnin_snapshot(e), dev) for e in cfg.history_epochs]
         self.snapshots = SnapshotSet(history, tuple(cfg.ring_lags)).to(dev)
         # the poison score of every run (evaluation only: never shown to the defence)
         self.detector = MDDetector(self.snapshots, cfg.dsc.reduce)
         self.defense = build_defense(cfg.defense, DefenseContext(self.snapshots, self.heldout, cfg.seed,
-                                                                 precision_of(cfg), comm), cfg.dsc, cfg.baselines)
+                                                                 precision_of(cfg), comm), cfg.dsc, cfg.baselines,
+                                     cfg.filter)
         # Memory formats fixed before any step (exact resume), the same for every defence and the control.
         precision_of(cfg).prepare(self.heldout[0][:1], self.model)
         self.defense.prepare(self.model, self.heldout[0][:1])
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(trainable_parameters(self.model), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.attack = None
         if not cfg.control:
@@ -187,7 +190,7 @@ class OnlineRun:
         if not path.exists():
             raise FileNotFoundError(f"burnin: no snapshot {path}; run `memdisc burnin` (with a snapshot at that "
                                     f"epoch) or pass --burnin DIR / --history-epochs")
-        return load_snapshot(path)
+        return load_model_file(path)
 
     def components(self) -> dict:
         """The stateful components ``memdisc.training.checkpoint`` saves and restores."""
@@ -219,7 +222,7 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     md_in, md_clean = run.detector.score(model, x_in, received.y), run.detector.score(model, x, y)
     t2 = _clock(run.device)
     x_train, report = run.defense.correct(model, x_in, received.y, progress.step)
-    run.defense.train_on(model, run.optimizer, x_train, received.y)
+    run.defense.train_on(model, run.optimizer, x_train, received.y, report)
     t3 = _clock(run.device)
     err = error_rate(model, *run.eval_step, comm=run.comm)
     timing["attack"] += t1 - t0

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from memdisc.artifacts import load_snapshot, provenance, remove_stale_temp_files, save_snapshot, write_json
+from memdisc.artifacts import load_model_file, provenance, remove_stale_temp_files, save_model_file, write_json
 from memdisc.config import (OptionError, check_choice, check_int, check_number, check_seed, comparable, field,
                             to_dict)
 from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
@@ -140,7 +140,7 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
     start_epoch = 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = load_snapshot(ckpt_path, remedy="delete it to restart the burn-in from epoch 1")
+        ckpt = load_model_file(ckpt_path, remedy="delete it to restart the burn-in from epoch 1")
         _resume_config_matches(ckpt_path, ckpt["config"], to_dict(cfg))
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -179,8 +179,8 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         common = dict(model=model, model_spec=spec, epoch=epoch, test_error=err, config=to_dict(cfg),
                       seed=cfg.seed, optimizer=opt, extra={"history": history})
         if epoch % cfg.snapshot_every == 0 or epoch == cfg.epochs:
-            save_snapshot(snapshot_path(out, epoch), **common)
-        save_snapshot(ckpt_path, **common)
+            save_model_file(snapshot_path(out, epoch), **common)
+        save_model_file(ckpt_path, **common)
     result = {"config": to_dict(cfg), "history": history,
               "final_test_error": history[-1]["test_error"] if history else None,
               "seconds": sum(h["seconds"] for h in history), "provenance": provenance(cfg.seed, device)}
