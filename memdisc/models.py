@@ -4,7 +4,8 @@ Every model takes images in [0, 1] of shape [B, C, H, W] and normalises them
 inside (per-channel ``(x - mean) / std`` buffers), so attacks and defences
 work in pixel space.  Outputs are logits [B, num_classes].
 
-memdisc's own models ("cnn", "resnet18") need nothing beyond torch.  The
+memdisc's own models ("cnn", "resnet18") and the vulnerability study seed's
+("seed-mlp", "seed-cnn": :class:`SeedMLP`, :class:`SeedCNN`) need nothing beyond torch.  The
 ``tv-*`` victims (:data:`ZOO`) are torchvision.models classifiers, built only
 when torchvision is importable, never downloaded: their weights come from a
 file the user names (:func:`load_weights`).
@@ -132,6 +133,88 @@ class ResNet18(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] in [0, 1] -> the globally pooled last stage [B, 512]."""
         return F.adaptive_avg_pool2d(self.layers(self.stem(self.normalize(x))), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _keras_init(module: nn.Module) -> nn.Module:
+    """Keras' default initialisation, in place: glorot-uniform weights (PyTorch's ``xavier_uniform_``,
+    the same fans for convolutions) and zero biases for every Linear and Conv2d; returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def _check_no_norm(model: str, norm: str) -> None:
+    if norm != "none":
+        raise ValueError(f"norm: the {model} model has no normalisation layers (as the seed's); expected "
+                         f"'none' (or 'auto'), got {norm!r}")
+
+
+class SeedMLP(nn.Module):
+    """The seed's MLP ("seed-mlp"; changhongyan123/poisoning ``model.MLP``, ``hidden_layer [64, 10]``).
+
+    ``body``: flatten ``[B, C*H*W]`` - linear(C*H*W -> 64) - ReLU - linear(64 -> 10) - ReLU, giving the
+    features [B, 10] (the width 10 is the seed's, whatever the number of classes);
+    ``head``: linear(10 -> classes) (the seed's ``preds`` layer, its softmax in the loss).
+    Keras' initialisation (:func:`_keras_init`), as the seed's.  Any input shape; no normalisation
+    layer (``norm`` "none" only).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, norm: str = "none",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        _check_no_norm("seed-mlp", norm)
+        self.normalize = Normalize(mean or [0.5] * in_channels, std or [0.5] * in_channels)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 64),
+                                  nn.ReLU(inplace=True), nn.Linear(64, 10), nn.ReLU(inplace=True))
+        self.head = nn.Linear(10, num_classes)
+        _keras_init(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] in [0, 1] -> the second hidden layer's ReLU output [B, 10]."""
+        return self.body(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SeedCNN(nn.Module):
+    """The seed's CNN ("seed-cnn"; changhongyan123/poisoning ``model.CNN`` with main.py's parameters:
+    ``filter_number [18, 18]``, ``filter_shape [(14, 14), (7, 7)]``, 'SAME' padding, 2x2 pooling,
+    ``fc_layer [256, 128, 10]``).
+
+    ``body``: zero-pad (6 before, 7 after) - conv14x14(in -> 18) - ReLU - maxpool2 - conv7x7(18 -> 18,
+    padding 3) - ReLU - maxpool2, ``[B, 18, H/4, W/4]``: each convolution keeps the side, with
+    TensorFlow's 'SAME' padding (for the even 14x14 kernel, one more zero after than before);
+    ``embed``: flatten - linear(18*(H/4)*(W/4) -> 256) - ReLU - linear(256 -> 128) - ReLU -
+    linear(128 -> 10) - ReLU, giving the features [B, 10];
+    ``head``: linear(10 -> classes) (the seed's ``preds`` layer).
+    Keras' initialisation (:func:`_keras_init`), as the seed's.  H, W multiples of 4 (build_model
+    checks the side); no normalisation layer (``norm`` "none" only).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, norm: str = "none",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        _check_no_norm("seed-cnn", norm)
+        self.normalize = Normalize(mean or [0.5] * in_channels, std or [0.5] * in_channels)
+        self.body = nn.Sequential(
+            nn.ZeroPad2d((6, 7, 6, 7)), nn.Conv2d(in_channels, 18, 14), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(18, 18, 7, padding=3), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        side = image_size // 4
+        self.embed = nn.Sequential(
+            nn.Flatten(), nn.Linear(18 * side * side, 256), nn.ReLU(inplace=True),
+            nn.Linear(256, 128), nn.ReLU(inplace=True), nn.Linear(128, 10), nn.ReLU(inplace=True))
+        self.head = nn.Linear(10, num_classes)
+        _keras_init(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] in [0, 1] -> the last dense layer's ReLU output [B, 10]."""
+        return self.embed(self.body(self.normalize(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -268,6 +351,8 @@ class ZooVictim(nn.Module):
 MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "cnn": (SmallCNN, "none"),
     "resnet18": (ResNet18, "bn"),
+    "seed-mlp": (SeedMLP, "none"),
+    "seed-cnn": (SeedCNN, "none"),
     **{name: (ZooVictim, "auto") for name in ZOO},
 }
 
@@ -291,11 +376,12 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
     """Instantiate a registered model (randomly initialised; for a ``tv-*`` model see :func:`load_weights`).
 
     Args:
-        name: one of ``MODELS``: "cnn", "resnet18", or a torchvision victim of :data:`ZOO` ("tv-resnet18", ...).
+        name: one of ``MODELS``: "cnn", "resnet18", "seed-mlp", "seed-cnn", or a torchvision victim of
+            :data:`ZOO` ("tv-resnet18", ...).
         in_channels, num_classes, image_size: input channels, output classes, input side length
             (a ``tv-*`` model takes 1 or 3 channels and adapts the side, :class:`ZooVictim`).
-        norm: "bn", "gn", "none", or "auto" (the model's default: none for cnn, bn for resnet18; a
-            ``tv-*`` model takes only "auto", its own layers).
+        norm: "bn", "gn", "none", or "auto" (the model's default: none for cnn, bn for resnet18; the
+            seed-* models take only "none" or "auto", a ``tv-*`` model only "auto", its own layers).
         mean, std: per-channel input statistics used by the built-in normalisation
             (``in_channels`` values each, std > 0; default 0.5, mapping [0, 1] to [-1, 1]).
             A ``tv-*`` model takes neither: it normalises with ImageNet's.
@@ -325,8 +411,8 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
             raise ValueError(f"{arg}: expected {in_channels} values (one per input channel), got {len(value)}")
     if std is not None and min(std) <= 0:
         raise ValueError(f"std: expected positive values, got {list(std)}")
-    if name == "cnn" and image_size % 4:
-        raise ValueError(f"image_size: the cnn model needs a multiple of 4, got {image_size}")
+    if name in ("cnn", "seed-cnn") and image_size % 4:
+        raise ValueError(f"image_size: the {name} model needs a multiple of 4, got {image_size}")
     cls, default_norm = MODELS[name]
     return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                norm=default_norm if norm == "auto" else norm, mean=mean, std=std)

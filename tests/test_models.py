@@ -96,7 +96,8 @@ def test_registry_errors_name_the_argument(kwargs, argument):
         build_model(**args)
 
 
-@pytest.mark.parametrize("name, norm", [("cnn", "none"), ("cnn", "bn"), ("cnn", "gn"), ("resnet18", "bn")])
+@pytest.mark.parametrize("name, norm", [("cnn", "none"), ("cnn", "bn"), ("cnn", "gn"), ("resnet18", "bn"),
+                                        ("seed-mlp", "none"), ("seed-cnn", "none")])
 def test_gradient_flows_to_the_input(name, norm):
     """Attacks need d loss / d x: it must exist, be finite and nonzero for every sample, in eval mode."""
     torch.manual_seed(0)
@@ -122,7 +123,7 @@ def test_input_gradient_matches_finite_difference(norm):
     assert slope.item() == pytest.approx(grad.norm().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn", "resnet18", "seed-mlp", "seed-cnn"])
 def test_classifier_head_is_the_last_linear_layer(name):
     model = build_model(name, 3, 10, 32)
     assert classifier_head(model) is model.head
@@ -151,6 +152,98 @@ def test_forward_is_head_of_features_bit_for_bit(name, channels, classes, size, 
     x = x.requires_grad_(True)  # and the input gradient flows through features
     (grad,) = torch.autograd.grad(model.features(x).square().sum(), x)
     assert (grad.flatten(1).abs().sum(1) > 0).all()
+
+
+# The vulnerability study seed's models (changhongyan123/poisoning model.py with main.py's parameters).
+
+SEED_SHAPES = [(1, 10, 28), (3, 10, 32), (3, 100, 32)]
+
+
+@pytest.mark.parametrize("channels, classes, size", SEED_SHAPES)
+@pytest.mark.parametrize("name", ["seed-mlp", "seed-cnn"])
+def test_seed_models_forward_is_head_of_features_bit_for_bit(name, channels, classes, size):
+    """Logits [B, classes] and features [B, 10] (the seed's last hidden width, whatever the classes),
+    ``forward == head(features)`` exactly in both modes, and ReLU features (>= 0)."""
+    torch.manual_seed(0)
+    model = build_model(name, channels, classes, size)
+    x = _pixels(5, channels, size)
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            z = model.features(x)
+            assert z.shape == (5, 10) and model.head.in_features == 10 and bool((z >= 0).all())
+            out = model(x)
+            assert out.shape == (5, classes) and bool(torch.isfinite(out).all())
+            assert torch.equal(out, model.head(z))
+    assert _norm_types(model) == set()
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_seed_mlp_layers(channels, size):
+    """flatten - 64 - ReLU - 10 - ReLU - head, with the input statistics as buffers."""
+    model = build_model("seed-mlp", channels, 10, size)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == [
+        ("body.1.weight", (64, channels * size * size)), ("body.1.bias", (64,)), ("body.3.weight", (10, 64)),
+        ("body.3.bias", (10,)), ("head.weight", (10, 10)), ("head.bias", (10,))]
+    x = _pixels(2, channels, size)
+    with torch.no_grad():
+        expected = model.body[1:](model.normalize(x).flatten(1))
+        assert torch.equal(model.features(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # the reference's
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_seed_cnn_layers_and_same_padding(channels, size):
+    """Two convolutions keeping the side (the first 14x14 padded as TensorFlow's 'SAME', which is
+    PyTorch's padding='same'), each pooled by 2: [B, 18, H/4, W/4]; then 256 - 128 - 10 - head."""
+    torch.manual_seed(0)
+    model = build_model("seed-cnn", channels, 10, size)
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == [
+        ("body.1.weight", (18, channels, 14, 14)), ("body.1.bias", (18,)), ("body.4.weight", (18, 18, 7, 7)),
+        ("body.4.bias", (18,)), ("embed.1.weight", (256, 18 * (size // 4) ** 2)), ("embed.1.bias", (256,)),
+        ("embed.3.weight", (128, 256)), ("embed.3.bias", (128,)), ("embed.5.weight", (10, 128)),
+        ("embed.5.bias", (10,)), ("head.weight", (10, 10)), ("head.bias", (10,))]
+    with torch.no_grad():
+        for p in model.parameters():  # Keras initialises biases to zero: make them matter here
+            p.add_(0.01 * torch.randn_like(p))
+        x = model.normalize(_pixels(2, channels, size))
+        conv1, conv2 = model.body[1], model.body[4]
+        first = model.body[:2](x)
+        assert first.shape == (2, 18, size, size)
+        torch.testing.assert_close(first, nn.functional.conv2d(x, conv1.weight, conv1.bias, padding="same"))
+        pooled = model.body[:4](x)
+        torch.testing.assert_close(model.body[4](pooled),
+                                   nn.functional.conv2d(pooled, conv2.weight, conv2.bias, padding="same"))
+        assert model.body(x).shape == (2, 18, size // 4, size // 4)
+
+
+@pytest.mark.parametrize("name", ["seed-mlp", "seed-cnn"])
+def test_seed_models_initialise_as_keras(name):
+    """Glorot-uniform weights (|w| <= sqrt(6 / (fan_in + fan_out)), spread over that range) and zero biases."""
+    torch.manual_seed(0)
+    model = build_model(name, 3, 10, 32)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(layers) == {"seed-mlp": 3, "seed-cnn": 6}[name]
+    for layer in layers:
+        receptive = layer.weight[0, 0].numel()
+        fan_in, fan_out = layer.weight.shape[1] * receptive, layer.weight.shape[0] * receptive
+        bound, largest = (6 / (fan_in + fan_out)) ** 0.5, float(layer.weight.detach().abs().max())
+        assert 0.9 * bound < largest <= bound
+        assert not layer.bias.any()
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("seed-mlp", dict(norm="bn"), "norm: the seed-mlp model has no normalisation layers (as the seed's); "
+                                  "expected 'none' (or 'auto'), got 'bn'"),
+    ("seed-cnn", dict(norm="gn"), "norm: the seed-cnn model has no normalisation layers (as the seed's); "
+                                  "expected 'none' (or 'auto'), got 'gn'"),
+    ("seed-cnn", dict(image_size=30), "image_size: the seed-cnn model needs a multiple of 4, got 30"),
+    ("seed-cnn", dict(mean=[0.5, 0.5]), "mean: expected 1 values (one per input channel), got 2"),
+])
+def test_seed_models_refuse_bad_options_by_name(name, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        build_model(**(dict(name=name, in_channels=1, num_classes=10, image_size=28) | kwargs))
+    assert build_model("seed-mlp", 1, 10, 30)(_pixels(2, 1, 30)).shape == (2, 10)  # the MLP takes any side
 
 
 def test_small_cnn_layers_and_parameter_order():
