@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["describe", "check_batch"]
+__all__ = ["describe", "check_samples", "check_batch"]
 
 
 def describe(value: object) -> str:
@@ -16,12 +16,17 @@ def describe(value: object) -> str:
     return type(value).__name__
 
 
-def check_batch(name_x: str, x, name_y: str, y, *, finite: bool = False) -> None:
-    """A labelled batch: ``x`` a floating ``[N, ...]`` tensor of pixels in [0, 1], ``y`` int64 ``[N]``
-    class indices on x's device (what ``F.cross_entropy`` takes); ``finite``: x holds no NaN or
-    Inf (a read back to the host, so only at the entry of a whole correction)."""
+def check_samples(name_x: str, x) -> None:
+    """``x`` a floating ``[N, ...]`` tensor of pixels in [0, 1] (an unlabelled batch)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"{name_x}: expected a floating [N, ...] tensor of pixels in [0, 1], got {describe(x)}")
+
+
+def check_batch(name_x: str, x, name_y: str, y, *, finite: bool = False) -> None:
+    """A labelled batch: ``x`` as :func:`check_samples` takes, ``y`` int64 ``[N]`` class indices on
+    x's device (what ``F.cross_entropy`` takes); ``finite``: x holds no NaN or Inf (a read back to
+    the host, so only at the entry of a whole correction)."""
+    check_samples(name_x, x)
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.int64 \
             or y.device != x.device:
         where = "" if not isinstance(y, torch.Tensor) else f" on {y.device}"

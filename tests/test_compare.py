@@ -327,6 +327,12 @@ def test_repeats_must_be_positive():
         load_compare_config(overrides={"repeats": 0})
 
 
+def test_repeats_past_the_last_seed_are_refused_naming_repeats():
+    with pytest.raises(ValueError, match=r"^repeats \(--repeats\): seeds 4294967295..4294967296 go past"):
+        load_compare_config(overrides={"seed": 2 ** 32 - 1, "repeats": 2})
+    assert load_compare_config(overrides={"seed": 2 ** 32 - 2, "repeats": 2}).repeats == 2
+
+
 def test_the_comparison_is_a_grid_of_runs_by_seeds(tmp_path):
     """Its cells, their ids and directories: OUT/runs/NAME for one seed, OUT/seed-S/runs/NAME for several."""
     cfg = load_compare_config(overrides={"defenses": ["ST", "DSC-batch"], "out": str(tmp_path), "seed": 4})

@@ -307,3 +307,15 @@ def test_detector_refuses_bad_arguments_by_name(name):
     _, snaps = model_and_history()
     with pytest.raises(ValueError, match="^state"):
         DETECTORS[name](snaps).load_state_dict({"not": "a state"})
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+@pytest.mark.parametrize("bad, arg", [("x_rank", "x"), ("x_channels", "x"), ("x_int", "x"), ("y_length", "y")])
+def test_detector_score_refuses_bad_batches_by_name(name, bad, arg):
+    """A batch the detector cannot score is a ValueError naming the argument, never an error from inside torch."""
+    model, snaps = model_and_history()
+    x, y = data()["batch"]
+    bad_x, bad_y = {"x_rank": (x[:, 0, 0], y), "x_channels": (x.repeat(1, 3, 1, 1), y),
+                    "x_int": ((x * 255).long(), y), "y_length": (x, y[:-1])}[bad]
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        DETECTORS[name](snaps).score(model, bad_x, bad_y)

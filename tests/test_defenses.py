@@ -444,7 +444,7 @@ def test_detector_defense_drops_or_reweights_the_rows_scoring_above_the_heldout_
                                   flagged_weight=0.25)
         assert defense.name == f"MD-{action}"
         x_train, report = defense.correct(model, x, y, 0)
-        assert torch.equal(x_train, x) and not report.moved.any() and report.md is None
+        assert torch.equal(x_train, x) and not report.moved.any() and torch.allclose(report.md, scores)
         assert report.threshold == pytest.approx(tau, rel=1e-5)
         flagged = scores > report.threshold
         if action == "drop":
@@ -638,3 +638,12 @@ def test_dsc_state_loads_from_a_checkpoint_mapped_to_cuda(tmp_path):
     other.load_state_dict(state)
     assert torch.equal(other.generator.get_state(), dsc.generator.get_state())
     assert other.schedule.value == dsc.schedule.value
+
+
+def test_batch_report_acted_on_counts_moved_dropped_and_down_weighted_rows():
+    moved = torch.tensor([True, False, False, False, False])
+    report = BatchReport(md=None, moved=moved, iterations=moved.long())
+    assert torch.equal(report.acted_on, moved)  # a correction alone: the rows it moved
+    report.keep = torch.tensor([True, False, True, True, True])
+    report.weights = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.0])
+    assert report.acted_on.tolist() == [True, True, True, False, True]

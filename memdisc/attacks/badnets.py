@@ -79,9 +79,13 @@ class BadNetsAttack(OfflineAttack):
         self.check_received(x, y)
         return self._backdoor(x, y)
 
-    def _backdoor(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_received(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Images ``x [N, C, H, W]`` (a patch needs a height and a width), labels ``y [N]``."""
+        super().check_received(x, y)
         if x.dim() != 4:
             raise ValueError(f"x: expected images [N, C, H, W], got {describe(x)}")
+
+    def _backdoor(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = x.shape[-2:]
         p = default_patch_size(height, width) if self.cfg.patch_size is None else self.cfg.patch_size
         if p > min(height, width):

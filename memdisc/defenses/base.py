@@ -36,8 +36,8 @@ PGD_EPS = 0.2
 class BatchReport:
     """What a defence did to one batch.
 
-    md: ``[B]`` discrepancy of each received sample (reduced over snapshots), or None
-        for defences that do not compute it.
+    md: ``[B]`` discrepancy of each received sample (reduced over snapshots; a detector used as a
+        defence: its detector's score), or None for defences that do not compute it.
     moved: ``[B]`` bool, rows that the correction changed at least once.
     iterations: ``[B]`` int, correction steps applied to each row.
     threshold: the threshold used for this batch (DSC), else None.
@@ -52,6 +52,16 @@ class BatchReport:
     threshold: float | None = None
     keep: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+
+    @property
+    def acted_on(self) -> torch.Tensor:
+        """``[B]`` bool, the rows the defence did something to: moved, dropped or weighted below 1."""
+        acted = self.moved
+        if self.keep is not None:
+            acted = acted | ~self.keep
+        if self.weights is not None:
+            acted = acted | (self.weights < 1)
+        return acted
 
 
 class Defense:

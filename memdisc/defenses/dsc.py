@@ -46,10 +46,11 @@ class ThresholdSchedule:
     def needs_measurement(self, step: int) -> bool:
         return self.kind == "calibrated" and (self.last_step is None or step - self.last_step >= self.every)
 
-    def update(self, step: int, clean_scores: torch.Tensor, batch_size: int | None, generator: torch.Generator,
-               comm: Comm = LOCAL):
-        """Set tau from per-sample clean scores ``[N]`` (batch_size given: per-batch mode); over several
-        processes (``comm``), the scores of every process's shard of the held-out data."""
+    def update(self, step: int, clean_scores: torch.Tensor, batch_size: int | None = None,
+               generator: torch.Generator | None = None, comm: Comm = LOCAL):
+        """Set tau from per-sample clean scores ``[N]`` (batch_size given: per-batch mode, the 256 batch
+        means drawn with ``generator``); over several processes (``comm``), the scores of every process's
+        shard of the held-out data."""
         scores = comm.all_gather(clean_scores.float()).cpu()
         if batch_size is not None:
             idx = torch.randint(0, scores.numel(), (256, batch_size), generator=generator)

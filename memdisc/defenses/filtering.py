@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from memdisc.checks import check_batch
-from memdisc.config import check_int, check_number, field
+from memdisc.config import check_choice, check_int, check_number, field
 from memdisc.defenses.base import BatchReport, Defense
 from memdisc.defenses.dsc import ThresholdSchedule
 from memdisc.detectors.base import Detector
@@ -42,12 +42,14 @@ class FilterConfig:
     quantile: float = field(0.95, "flag a row whose score exceeds this quantile of the clean held-out scores")
     recalibrate_every: int = field(1, "re-measure the threshold every N online steps")
     flagged_weight: float = field(0.1, "reweight: loss weight of a flagged row (the others weigh 1)")
+    reduce: str = field("mean", "MD's reduction over the K snapshots: mean, max or min")
 
     def __post_init__(self):
         """0 < quantile < 1; recalibrate_every >= 1; flagged_weight in [0, 1]."""
         check_number("quantile", self.quantile, 0.0, 1.0, strict=True)
         check_int("recalibrate_every", self.recalibrate_every)
         check_number("flagged_weight", self.flagged_weight, 0.0, 1.0)
+        check_choice("reduce", self.reduce, ("mean", "max", "min"))
 
 
 class DetectorDefense(Defense):
@@ -75,15 +77,12 @@ class DetectorDefense(Defense):
         if not isinstance(heldout, tuple) or len(heldout) != 2:
             raise ValueError("heldout: expected the defender's clean held-out batch (x, y)")
         check_batch("heldout", heldout[0], "heldout", heldout[1])
-        if isinstance(flagged_weight, bool) or not isinstance(flagged_weight, (int, float)) \
-                or not 0 <= flagged_weight <= 1:
-            raise ValueError(f"flagged_weight: expected a number in [0, 1], got {flagged_weight!r}")
+        check_number("flagged_weight", flagged_weight, 0.0, 1.0)
         self.detector, self.action, self.heldout = detector, action, heldout
         self.schedule = schedule or ThresholdSchedule()
         self.flagged_weight, self.comm = float(flagged_weight), comm
         self.name = f"{detector.name}-{action}"
         self._fitted = False
-        self._generator = torch.Generator()  # update() takes one; the per-sample quantile draws nothing
 
     def prepare(self, model: nn.Module, x: torch.Tensor) -> None:
         """Fit the detector on the held-out batch under ``model``, once (``correct`` does it otherwise)."""
@@ -97,11 +96,12 @@ class DetectorDefense(Defense):
         check_batch("x", x, "y", y, finite=True)
         self.prepare(model, x)
         if self.schedule.needs_measurement(step):
-            self.schedule.update(step, self.detector.score(model, *self.heldout), None, self._generator, self.comm)
+            self.schedule.update(step, self.detector.score(model, *self.heldout), comm=self.comm)
         tau = self.schedule(step)
-        flagged = self.detector.score(model, x, y) > tau
+        scores = self.detector.score(model, x, y)
+        flagged = scores > tau
         zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        report = BatchReport(md=None, moved=zeros.bool(), iterations=zeros, threshold=tau)
+        report = BatchReport(md=scores, moved=zeros.bool(), iterations=zeros, threshold=tau)
         if self.action == "drop":
             report.keep = ~flagged
         else:

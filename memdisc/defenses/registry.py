@@ -75,14 +75,14 @@ def _dsc(mode: str) -> Builder:
 
 
 def _filter(detector: str, action: str) -> Builder:
-    """The registered ``detector`` (built with its defaults) as a defence that does ``action`` to the rows
+    """The registered ``detector`` (with the ``reduce`` option) as a defence that does ``action`` to the rows
     it flags, its threshold calibrated on the held-out batch."""
     def build(d: DSCConfig, b: BaselineConfig, f: FilterConfig, ctx: DefenseContext) -> Defense:
         if ctx.heldout is None:
             raise ValueError(f"heldout: {detector}-{action} needs the defender's clean held-out batch (x, y)")
         schedule = ThresholdSchedule("calibrated", quantile=f.quantile, every=f.recalibrate_every)
-        return DetectorDefense(DETECTORS[detector](ctx.snapshots), action, ctx.heldout, schedule, f.flagged_weight,
-                               ctx.comm)
+        return DetectorDefense(DETECTORS[detector](ctx.snapshots, reduce=f.reduce), action, ctx.heldout, schedule,
+                               f.flagged_weight, ctx.comm)
     return build
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memdisc.checks import check_batch, check_samples, describe
 from memdisc.detectors.base import Detector, register_detector
 from memdisc.eval.classification import eval_mode
 from memdisc.snapshots import SnapshotSet
@@ -62,5 +63,13 @@ class MDDetector(Detector):
         self.snapshots, self.reduce, self.temperature = snapshots, reduce, temperature
 
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """``[N]`` MD of ``model`` (eval mode, restored after) on x ``[N, ...]``, no grad; y unused."""
-        return discrepancy_scores(model, self.snapshots, x, self.reduce, self.temperature)
+        """``[N]`` MD of ``model`` (eval mode, restored after) on x ``[N, ...]``, no grad; y (``[N]``, checked
+        when given) unused.  A batch the networks cannot take is a ValueError naming ``x``."""
+        check_samples("x", x)
+        if y is not None:
+            check_batch("x", x, "y", y)
+        try:
+            return discrepancy_scores(model, self.snapshots, x, self.reduce, self.temperature)
+        except RuntimeError as exc:  # a shape or device the networks do not take, raised inside torch
+            raise ValueError(f"x: the model and its snapshots cannot take {describe(x)} on {x.device} "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc

@@ -30,13 +30,14 @@ class RunRecord:
                report, attacked: bool, comm: Comm = LOCAL) -> None:
         """One step's test error, discrepancies ([B] of the received batch and of its clean counterpart);
         over several processes (``comm``), the rows of every process's shard of the batch."""
-        md_in, md_clean, poisoned, moved = (comm.all_gather(t) for t in (md_in, md_clean, poisoned, report.moved))
+        md_in, md_clean, poisoned, acted = (comm.all_gather(t) for t in (md_in, md_clean, poisoned,
+                                                                                   report.acted_on))
         log = self.log
         log["step"].append(self.step)
         log["test_error"].append(err)
         log["md_poisoned"].append(float(md_in[poisoned].mean()) if bool(poisoned.any()) else None)
         log["md_clean"].append(float(md_clean.mean()))
-        log["corrected_fraction"].append(float(moved.float().mean()))
+        log["corrected_fraction"].append(float(acted.float().mean()))  # moved, dropped or down-weighted
         log["threshold"].append(report.threshold)
         if attacked:
             self.scores["poisoned"] += md_in[poisoned].tolist()

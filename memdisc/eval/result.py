@@ -6,7 +6,8 @@ order below) and :meth:`RunResult.from_json` reads it back, so a finished run is
 file unchanged.  Errors are fractions in [0, 1]; the nested records keep their JSON shape:
 
 * ``curve``: per online step, ``{"step": [int], "test_error": [float], "md_poisoned": [float | None],
-  "md_clean": [float], "corrected_fraction": [float], "threshold": [float | None]}``;
+  "md_clean": [float], "corrected_fraction": [float] (rows the defence moved, dropped or
+  down-weighted: ``BatchReport.acted_on``), "threshold": [float | None]}``;
 * ``detection``: ``{"per_sample": detection_summary | None, "per_batch": detection_summary | None}``
   (``memdisc.eval.detection``; None for the control);
 * ``scores``: ``{"poisoned": [float], "clean": [float]}``, MD per row;

@@ -98,6 +98,9 @@ class CompareConfig:
         check_choice("model", self.model, sorted(MODELS))
         check_seed("seed", self.seed)
         check_int("repeats", self.repeats)
+        if self.seed + self.repeats > 2 ** 32:
+            raise OptionError("repeats", f"seeds {self.seed}..{self.seed + self.repeats - 1} go past the last seed "
+                                         f"2**32 - 1; expected at most {2 ** 32 - self.seed}")
         b, o = self.burnin, self.online
         saved = [e for e in range(1, b.epochs + 1) if e % b.snapshot_every == 0 or e == b.epochs]
         read = {"history_epochs": o.history_epochs,

@@ -4,7 +4,7 @@ One file holds the run's configuration, the state of every stateful component (m
 defence, snapshot ring, attack; ``None`` for an absent attack) and the :class:`RunRecord` so far.
 :func:`save_state` writes it atomically; :func:`load_state` restores the components in place and
 returns the record, or ``None`` when there is no file (a fresh run).  (Burn-in checkpoints are
-``memdisc.artifacts`` snapshot files, written by ``memdisc.training.supervised``.)"""
+``memdisc.artifacts`` model files, written by ``memdisc.training.supervised``.)"""
 from __future__ import annotations
 
 import dataclasses

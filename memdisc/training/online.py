@@ -148,7 +148,7 @@ class OnlineRun:
     def __init__(self, cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL):
         self.cfg = cfg
         self.device, self.comm = device, comm
-        start = self._load_burnin_snapshot(cfg.start_epoch)
+        start = self._load_burnin_file(cfg.start_epoch)
         bcfg = start["config"]
         self.burnin_error = float(start["test_error"])
         train = load_dataset(bcfg["dataset"], "train", bcfg["data_dir"])
@@ -165,7 +165,7 @@ class OnlineRun:
         self.eval_step = (x_eval[:cfg.eval_size], y_eval[:cfg.eval_size])
         self.trigger_clean = tuple(t.to(dev) for t in test.batch(trig_idx))
         self.model = model_from_file(start, dev)
-        history = [model_from_file(self._load_burnin_snapshot(e), dev) for e in cfg.history_epochs]
+        history = [model_from_file(self._load_burnin_file(e), dev) for e in cfg.history_epochs]
         self.snapshots = SnapshotSet(history, tuple(cfg.ring_lags)).to(dev)
         # the poison score of every run (evaluation only: never shown to the defence)
         self.detector = MDDetector(self.snapshots, cfg.dsc.reduce)
@@ -184,12 +184,13 @@ class OnlineRun:
                                        y_val=y_val, x_trigger=self.trigger_clean[0], y_trigger=self.trigger_clean[1])
         self.stop_error = cfg.stop_error if cfg.stop_error is not None else self.burnin_error + cfg.stop_rise
 
-    def _load_burnin_snapshot(self, epoch: int | None) -> dict:
+    def _load_burnin_file(self, epoch: int | None) -> dict:
         root = Path(self.cfg.burnin)
         path = root / "checkpoint.pt" if epoch is None else snapshot_path(root, epoch)
         if not path.exists():
-            raise FileNotFoundError(f"burnin: no snapshot {path}; run `memdisc burnin` (with a snapshot at that "
-                                    f"epoch) or pass --burnin DIR / --history-epochs")
+            raise FileNotFoundError(f"burnin: no model file {path}; run `memdisc burnin` (with a snapshot at that "
+                                    f"epoch) or pass --online-burnin DIR / --online-history-epochs (TOML: "
+                                    f"online.burnin, online.history_epochs)")
         return load_model_file(path)
 
     def components(self) -> dict:
@@ -230,7 +231,7 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     timing["defense"] += t3 - t2
     timing["eval"] += _clock(run.device) - t3
     # outside the timed phases: the first batch, replaced once by the first one the defence changed
-    corrected = bool(report.moved.any())
+    corrected = bool(report.acted_on.any())
     if progress.picture is None or (corrected and not progress.picture["corrected"]):
         progress.picture = {"step": progress.step, "corrected": corrected,
                             "written": run.comm.is_writer and _write_picture(run, progress.step, corrected, x, x_in,

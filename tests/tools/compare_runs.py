@@ -1,6 +1,6 @@
 """Compare two memdisc run directories number by number: the proof that a refactor moved nothing.
 
-    python tests/tools/compare_runs.py BEFORE_DIR AFTER_DIR
+    python tests/tools/compare_runs.py BEFORE_DIR AFTER_DIR [--ignore KEY ...] [--rename OLD=NEW ...]
 
 Every ``*.json`` under BEFORE_DIR must exist under AFTER_DIR with equal content, floats compared
 exactly (Python's float repr round-trips, so equal text is equal bits), except what is allowed to
@@ -8,9 +8,15 @@ differ between two runs of the same configuration: provenance (commit, versions,
 timings, and the paths of the two run directories (compared with each directory's own path
 replaced by ``<run>``).  Every tensor of every ``*.pt`` (burn-in snapshots, resumable states) is
 compared with ``torch.equal``.  Prints one line per file and exits 1 on the first difference list.
+
+A change that renames on purpose says so, and the tool then still compares every number:
+``--ignore KEY`` drops a JSON key everywhere (e.g. a configuration option whose representation
+changed; the ignored keys are printed), ``--rename OLD=NEW`` renames a tensor key prefix of
+BEFORE's ``*.pt`` files (e.g. a layer renamed in a state_dict) before matching them by name.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,13 +26,13 @@ import torch
 IGNORED_KEYS = {"provenance", "timing", "seconds", "samples_per_second"}
 
 
-def _strip(value, root: str):
+def _strip(value, root: str, ignored: frozenset = frozenset()):
     """The value with ignored keys dropped and the run directory's path replaced by ``<run>``."""
     if isinstance(value, dict):
-        return {k: _strip(v, root) for k, v in value.items()
-                if k not in IGNORED_KEYS and not k.endswith("_seconds")}
+        return {k: _strip(v, root, ignored) for k, v in value.items()
+                if k not in IGNORED_KEYS | ignored and not k.endswith("_seconds")}
     if isinstance(value, list):
-        return [_strip(v, root) for v in value]
+        return [_strip(v, root, ignored) for v in value]
     if isinstance(value, str):
         return value.replace(root, "<run>")
     return value
@@ -61,7 +67,15 @@ def _tensors(value, where: str):
             yield from _tensors(v, f"{where}[{i}]")
 
 
-def compare(before: Path, after: Path) -> list[str]:
+def _renamed(key: str, renames: list[tuple[str, str]]) -> str:
+    for old, new in renames:
+        if old in key:
+            return key.replace(old, new, 1)
+    return key
+
+
+def compare(before: Path, after: Path, ignored: frozenset = frozenset(),
+            renames: list[tuple[str, str]] = ()) -> list[str]:
     problems: list[str] = []
     files = sorted(p.relative_to(before) for p in before.rglob("*") if p.suffix in (".json", ".pt"))
     for rel in files:
@@ -70,12 +84,13 @@ def compare(before: Path, after: Path) -> list[str]:
             continue
         diffs: list[str] = []
         if rel.suffix == ".json":
-            a = _strip(json.loads((before / rel).read_text()), str(before))
-            b = _strip(json.loads((after / rel).read_text()), str(after))
+            a = _strip(json.loads((before / rel).read_text()), str(before), ignored)
+            b = _strip(json.loads((after / rel).read_text()), str(after), ignored)
             _diff(a, b, str(rel), diffs)
             what = "numbers"
         else:
-            a = dict(_tensors(torch.load(before / rel, map_location="cpu", weights_only=False), str(rel)))
+            a = {_renamed(k, renames): t
+                 for k, t in _tensors(torch.load(before / rel, map_location="cpu", weights_only=False), str(rel))}
             b = dict(_tensors(torch.load(after / rel, map_location="cpu", weights_only=False), str(rel)))
             if a.keys() != b.keys():
                 diffs.append(f"{rel}: tensors {sorted(a.keys() ^ b.keys())} in one file only")
@@ -91,10 +106,18 @@ def compare(before: Path, after: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
-        return 2
-    problems = compare(Path(argv[0]).resolve(), Path(argv[1]).resolve())
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("--ignore", action="append", default=[], metavar="KEY")
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW")
+    args = parser.parse_args(argv)
+    if any("=" not in r for r in args.rename):
+        parser.error("--rename: expected OLD=NEW")
+    if args.ignore:
+        print("ignored JSON keys (on purpose):", ", ".join(args.ignore))
+    renames = [tuple(r.split("=", 1)) for r in args.rename]
+    problems = compare(args.before.resolve(), args.after.resolve(), frozenset(args.ignore), renames)
     for line in problems:
         print(line)
     print("bit for bit: equal" if not problems else f"bit for bit: {len(problems)} differences")
