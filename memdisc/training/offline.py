@@ -2,9 +2,11 @@
 
 * :func:`train_end_to_end`: every trainable parameter of a model trains on the images;
 * :func:`train_transfer`: only a :class:`~memdisc.training.victim.TransferVictim`'s head trains, on
-  its frozen backbone's features, computed once.
+  its frozen backbone's features, computed once;
+* :func:`train_streaming`: the online setting, every trainable parameter of a model trains on the
+  set as a stream: ``epochs`` passes (a stream: one) of small minibatches, no early stopping.
 
-Both are plain functions over tensors (no files, nothing global changed), for a study that trains
+All three are plain functions over tensors (no files, nothing global changed), for a study that trains
 one victim per cell.  With ``N`` training samples, each epoch draws the order
 ``torch.randperm(N)`` from one generator seeded with ``seed`` and takes SGD steps (``lr``,
 ``momentum``, ``weight_decay``) on the mean cross-entropy of consecutive minibatches of
@@ -12,7 +14,8 @@ one victim per cell.  With ``N`` training samples, each epoch draws the order
 restored afterwards, so a run is a function of its inputs and options.  After each epoch the
 validation loss ``L_val = sum_i CE(f(x_i), y_i) / N_val`` (eval mode) is measured; training stops
 after ``patience`` epochs without a lower one, and the model ends with the parameters and buffers of
-the epoch of lowest ``L_val`` (:class:`TrainingLog`).
+the epoch of lowest ``L_val`` (:class:`TrainingLog`).  A stream (:func:`train_streaming`) takes the
+same steps without early stopping: every epoch runs and the model ends as the last one left it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from memdisc.eval.classification import eval_mode
 from memdisc.models import classifier_head
 from memdisc.training.victim import TransferVictim, trainable_parameters
 
-__all__ = ["OfflineConfig", "TrainingLog", "train_end_to_end", "train_transfer"]
+__all__ = ["OfflineConfig", "TrainingLog", "train_end_to_end", "train_transfer", "train_streaming"]
 
 
 @dataclasses.dataclass
@@ -65,7 +68,8 @@ class TrainingLog:
     Attributes:
         train_loss: the mean minibatch cross-entropy over the epoch, weighted by minibatch size.
         val_loss: ``L_val`` after the epoch; val_error: the top-1 error on the validation set.
-        best_epoch: the epoch (from 1) of lowest ``L_val``, whose weights the model holds.
+        best_epoch: the epoch (from 1) whose weights the model holds: the one of lowest ``L_val``
+            (a stream, :func:`train_streaming`: the last).
         stopped_early: True when ``patience`` ended training before ``epochs``.
     """
 
@@ -117,8 +121,9 @@ def _validate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
 
 
 def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-         cfg: OfflineConfig, desc: str, progress: bool) -> TrainingLog:
-    """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``."""
+         cfg: OfflineConfig, desc: str, progress: bool, early_stopping: bool = True) -> TrainingLog:
+    """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``; without
+    ``early_stopping`` every epoch runs and ``net`` ends with the last epoch's weights."""
     params = trainable_parameters(net)
     device = params[0].device
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -144,12 +149,15 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
             for key, value in zip(log, (total.item() / x.shape[0], val_loss, val_error)):
                 log[key].append(value)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", val_error=f"{val_error:.4f}")
-            if best_state is None or val_loss < log["val_loss"][best_epoch - 1]:
+            if not early_stopping:
+                best_epoch = epoch
+            elif best_state is None or val_loss < log["val_loss"][best_epoch - 1]:
                 best_epoch, best_state = epoch, {k: v.detach().clone() for k, v in net.state_dict().items()}
             elif cfg.patience is not None and epoch - best_epoch >= cfg.patience:
                 stopped = epoch < cfg.epochs
                 break
-    net.load_state_dict(best_state)
+    if best_state is not None:
+        net.load_state_dict(best_state)
     return TrainingLog(**{k: tuple(v) for k, v in log.items()}, best_epoch=best_epoch, stopped_early=stopped)
 
 
@@ -203,3 +211,33 @@ def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch
     device = victim.head.weight.device
     z_train, z_val = (_features(victim, x, cfg.batch_size, device) for x in (x_train, x_val))
     return _fit(victim.head, z_train, y_train.to(device), z_val, y_val.to(device), cfg, "transfer", progress)
+
+
+def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                    y_val: torch.Tensor, cfg: OfflineConfig, *, progress: bool = False) -> TrainingLog:
+    """Train ``model`` on the training set as a stream, in place: the online setting of the study.
+
+    The seed (changhongyan123/poisoning, ``train.py``) fits the shuffled poisoned set with batch
+    size 1 for up to 100 epochs (Keras EarlyStopping on the training loss, patience 20), which is
+    per-example SGD over a fixed set, not a stream.  Here
+    the set is one stream: ``cfg.epochs`` passes (a stream: 1) over the order ``torch.randperm(N)``
+    drawn from a generator seeded with ``cfg.seed``, SGD steps on consecutive minibatches of
+    ``cfg.batch_size`` (small: per-example SGD is batch size 1), with ``cfg``'s lr, momentum and
+    weight decay (momentum 0 and no weight decay is plain SGD), exactly the steps of
+    :func:`train_end_to_end` (the same loop) but with no early stopping: a stream never comes back
+    to a sample, so there is no best epoch to return to; every pass runs and the model ends as the
+    last step left it.  ``L_val`` is recorded after every pass (``TrainingLog.val_loss``).
+
+    Args and returns: as :func:`train_end_to_end`, with ``cfg`` required and ``cfg.patience`` None.
+    Raises:
+        ValueError: naming the argument (``model`` without a linear head or trainable parameters, bad
+            batches, labels outside the head's classes, ``cfg`` not an OfflineConfig or with a patience).
+    """
+    _check_data("model", classifier_head(model), x_train, y_train, x_val, y_val)
+    if not isinstance(cfg, OfflineConfig):
+        raise ValueError(f"cfg: expected an OfflineConfig, got {describe(cfg)}")
+    if cfg.patience is not None:
+        raise ValueError(f"cfg: a stream has no early stopping (it never comes back to a sample); expected "
+                         f"patience None, got {cfg.patience}")
+    cfg = _check_options("model", model, cfg, progress)
+    return _fit(model, x_train, y_train, x_val, y_val, cfg, "stream", progress, early_stopping=False)
