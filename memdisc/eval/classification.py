@@ -1,12 +1,21 @@
-"""Classification: the top-1 test error of a model, the attack success rate of a backdoor, and the
-eval-mode context the training code and the defences share."""
+"""Classification: the top-1 test error of a model, its loss, accuracy and per-class accuracy, the
+attack success rate of a backdoor, and the eval-mode pass and context the training code, the
+defences and the study's measurements share.
+
+Every measurement runs the model in eval mode (its previous mode restored), without gradients,
+over consecutive batches of ``batch_size`` rows (:func:`eval_outputs`); x and y are on the model's
+device.
+"""
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from memdisc.checks import check_batch
+from memdisc.checks import check_batch, describe
+from memdisc.config import check_int
 from memdisc.runtime.distributed import LOCAL, Comm
 
 
@@ -22,17 +31,73 @@ def eval_mode(model: torch.nn.Module):
 
 
 @torch.no_grad()
+def eval_outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000,
+                 output: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``output(x[i:i + batch_size])`` of every batch, concatenated: ``[N, ...]``, with ``model`` in eval
+    mode (restored afterwards) and no gradient; ``output`` defaults to ``model`` (the logits [N, C]),
+    e.g. ``model.features`` for the penultimate representation [N, D].
+
+    Raises:
+        ValueError: naming ``batch_size`` when it is not an int >= 1.
+    """
+    check_int("batch_size", batch_size)
+    output = model if output is None else output
+    with eval_mode(model):
+        return torch.cat([output(x[i:i + batch_size]) for i in range(0, max(1, x.shape[0]), batch_size)])
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ValueError(f"y: expected class indices in [0, {num_classes}), got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+
+
+@torch.no_grad()
 def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
                comm: Comm = LOCAL) -> float:
     """Top-1 error of ``model`` (eval mode, restored afterwards) on x [N, C, H, W] in [0,1], y [N]; over
     several processes (``comm``), wrong predictions and samples summed over every process's shard."""
-    wrong = torch.zeros((), dtype=torch.long, device=y.device)
-    with eval_mode(model):
-        for i in range(0, x.shape[0], batch_size):
-            wrong += (model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum()
+    wrong = (eval_outputs(model, x, batch_size).argmax(1) != y).sum()
     wrong = comm.all_reduce_sum(wrong)
     count = comm.all_reduce_sum(torch.tensor(x.shape[0], dtype=torch.long, device=y.device))
     return wrong.item() / max(1, count.item())
+
+
+def loss_and_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      batch_size: int = 1000) -> tuple[float, float]:
+    """``(mean cross-entropy, top-1 accuracy)`` of ``model`` on x [N, C, H, W] in [0, 1], y [N] int64
+    (N >= 1): ``(1/N) sum_i CE(f(x_i), y_i)`` and ``#{i : argmax f(x_i) = y_i} / N`` from one eval-mode
+    pass (:func:`eval_outputs`).
+
+    Raises:
+        ValueError: naming ``x`` (not a batch, or empty), ``y`` (not its labels, or outside the model's
+            classes) or ``batch_size``.
+    """
+    check_batch("x", x, "y", y)
+    if x.shape[0] == 0:
+        raise ValueError(f"x: expected at least one sample (a mean over none is undefined), got {describe(x)}")
+    logits = eval_outputs(model, x, batch_size)
+    _check_labels(y, logits.shape[1])
+    correct = (logits.argmax(1) == y).sum()
+    return F.cross_entropy(logits, y).item(), correct.item() / x.shape[0]
+
+
+def per_class_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                       batch_size: int = 1000) -> list[float]:
+    """``[num_classes]`` the top-1 accuracy of ``model`` on the rows of each class,
+    ``acc_k = #{i : y_i = k, argmax f(x_i) = k} / #{i : y_i = k}``, NaN for a class absent from ``y``;
+    x [N, C, H, W] in [0, 1], y [N] int64 in ``[0, num_classes)``.
+
+    Raises:
+        ValueError: naming ``x``, ``y``, ``num_classes`` (an int >= 1) or ``batch_size``.
+    """
+    check_batch("x", x, "y", y)
+    check_int("num_classes", num_classes)
+    _check_labels(y, num_classes)
+    correct = eval_outputs(model, x, batch_size).argmax(1) == y
+    rows = torch.bincount(y, minlength=num_classes).double()
+    hits = torch.bincount(y[correct], minlength=num_classes).double()
+    return (hits / rows).tolist()  # 0 / 0 = NaN for an absent class
 
 
 @torch.no_grad()
