@@ -25,10 +25,19 @@ N_TRAIN = 200  # an offline attack's training set: its default fraction poisons 
 OFFLINE = [name for name, cls in ATTACKS.items() if cls.kind == "offline"]
 
 
+class TinyVictim(TinyCNN):
+    """TinyCNN with a memdisc model's ``head`` (its final linear layer; the same parameters and state), which
+    an attack that trains its own copy of the victim with memdisc.training.offline needs (loss)."""
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.fc
+
+
 def model_and_history(seed: int = 0) -> tuple[nn.Module, SnapshotSet]:
     """A model and one historical snapshot of it (slightly other weights), both seeded."""
     torch.manual_seed(seed)
-    model = TinyCNN()
+    model = TinyVictim()
     old = copy.deepcopy(model)
     with torch.no_grad():
         for p in old.parameters():

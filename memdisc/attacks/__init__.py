@@ -6,7 +6,11 @@
     accumulative.py  Pang et al.'s accumulative attack ("accumulative", online) and its options (AttackConfig)
     offline.py       OfflineAttack: a fraction of a training set replaced once, rows drawn without replacement
     label_flip.py    label flipping ("label-flip", offline; untargeted or source -> target)
+    noise.py         random noise ("noise", offline: Gaussian pixel noise, clamped to [0, 1], labels kept)
+    loss_based.py    the loss-based attack ("loss", offline: copies of the highest-loss rows over other rows)
     badnets.py       BadNets ("badnets", offline backdoor: a white corner patch, all-to-one or all-to-all)
+    gradient.py      Yang et al.'s direct gradient poisons ("gradient", offline; autograd through unrolled steps)
+    generative.py    Yang et al.'s generative poisons ("generative", offline; an auto-encoder generator)
 """
 from memdisc.attacks.accumulative import AccumulativeAttack, AttackConfig
 from memdisc.attacks.badnets import BadNetsAttack, BadNetsConfig
@@ -14,10 +18,13 @@ from memdisc.attacks.base import ATTACKS, KINDS, Attack, AttackData, PoisonedBat
 from memdisc.attacks.crafting import (NORM_EPS, accumulative_direction, craft_alignment, crafting_state,
                                       gradient_alignment)
 from memdisc.attacks.label_flip import LabelFlipAttack, LabelFlipConfig
+from memdisc.attacks.loss_based import LossAttack, LossConfig
+from memdisc.attacks.noise import NoiseAttack, NoiseConfig
 from memdisc.attacks.offline import OfflineAttack, poison_count
 from memdisc.attacks import generative, gradient  # noqa: F401 - registers "generative" and "gradient"
 
 __all__ = ["Attack", "PoisonedBatch", "AttackData", "KINDS", "ATTACKS", "register_attack", "build_attack",
            "AccumulativeAttack", "AttackConfig", "OfflineAttack", "poison_count", "LabelFlipAttack",
-           "LabelFlipConfig", "BadNetsAttack", "BadNetsConfig", "NORM_EPS", "gradient_alignment", "crafting_state",
-           "craft_alignment", "accumulative_direction"]
+           "LabelFlipConfig", "NoiseAttack", "NoiseConfig", "LossAttack", "LossConfig", "BadNetsAttack",
+           "BadNetsConfig", "NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment",
+           "accumulative_direction"]
