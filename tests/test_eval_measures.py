@@ -132,6 +132,9 @@ def test_linear_probe_separates_separable_features_and_not_noise():
     assert 0.15 < noise < 0.55  # chance is 1/3
     flipped = linear_probe_accuracy(z_train, y_train, z_test, (y_test + 1) % 3)
     assert flipped == 0.0
+    dead = torch.zeros(300, 1), torch.zeros(150, 1)  # a dead ReLU unit: a constant feature, zero variance
+    assert linear_probe_accuracy(torch.cat([z_train, dead[0]], 1), y_train, torch.cat([z_test, dead[1]], 1),
+                                 y_test) == 1.0
 
 
 def test_linear_probe_standardises_the_features():

@@ -35,7 +35,8 @@ def eval_outputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000
                  output: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``output(x[i:i + batch_size])`` of every batch, concatenated: ``[N, ...]``, with ``model`` in eval
     mode (restored afterwards) and no gradient; ``output`` defaults to ``model`` (the logits [N, C]),
-    e.g. ``model.features`` for the penultimate representation [N, D].
+    e.g. ``model.features`` for the penultimate representation [N, D].  An empty ``x`` is one empty
+    batch, so the result keeps the output's trailing shape.
 
     Raises:
         ValueError: naming ``batch_size`` when it is not an int >= 1.

@@ -9,16 +9,16 @@ training features and returns its test accuracy:
     accuracy = #{i : argmax_k (W z'_i + b)_k = y_i} / N_test
 
 The seed (changhongyan123/poisoning ``model_evaluation.py``) fits ``LogisticRegression()`` with
-scikit-learn's defaults on ``model.layers[-1].output``, the *softmax output* of the network (its
-``preds`` layer, C values), taken with Keras' learning phase set to training, on unscaled values,
-and prints a ``classification_report``.  memdisc departs on purpose: the probe reads the
-penultimate features (the input of the head, what a poisoned representation changes; the
-softmax output is the classifier's own decision, which a linear probe can only re-read), in eval
-mode (deterministic), standardised (lbfgs converges on comparable scales), with ``max_iter``
-iterations (scikit-learn's default 100 often stops before convergence), and returns the accuracy
-(per-class numbers: :func:`memdisc.eval.classification.per_class_accuracy` for the network itself).
-The seed fits the probe on the clean training set's features; which set ``z_train`` holds is the
-caller's choice.
+scikit-learn's defaults (in its day, before 0.22: liblinear, one-vs-rest, 100 iterations) on
+``model.layers[-1].output``, the *softmax output* of the network (its ``preds`` layer, C values),
+taken with Keras' learning phase set to training, unscaled, and prints a ``classification_report``.
+memdisc departs on purpose: the probe reads the penultimate features (the input of the head, what
+a poisoned representation changes; the softmax output is the classifier's own decision, which a
+linear probe can only re-read), in eval mode (deterministic), standardised (the L2 penalty then
+treats every feature alike, and lbfgs converges), multinomial, with ``max_iter`` iterations (100
+often stop before convergence), and returns the accuracy (per-class numbers of the network itself:
+:func:`memdisc.eval.classification.per_class_accuracy`).  The seed fits the probe on the clean
+training set's features; which set ``z_train`` holds is the caller's choice.
 """
 from __future__ import annotations
 
