@@ -1,6 +1,7 @@
 """The ``memdisc`` command line: one entry point, one subcommand per job.
 
     memdisc compare [--config FILE] [--flags]   burn-in, control and every defence, report
+    memdisc study   [--config FILE] [--flags]   poisoning attacks x training settings x fractions, report
     memdisc burnin  [--config FILE] [--flags]   supervised training + snapshots
     memdisc online  [--config FILE] [--flags]   one online run (attack + one defence)
     memdisc info                                versions and kernel status
@@ -41,6 +42,22 @@ def _run_compare(cfg) -> int:
         run_compare(cfg)
     except GridError as exc:
         print(f"memdisc compare: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _study_config():
+    from memdisc.experiments.study import StudyConfig
+    return StudyConfig
+
+
+def _run_study(cfg) -> int:
+    from memdisc.experiments.runner import GridError
+    from memdisc.experiments.study import run_study
+    try:
+        run_study(cfg)
+    except GridError as exc:
+        print(f"memdisc study: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -88,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
             hidden = frozenset()
             if name == "compare":
                 from memdisc.experiments.compare import SHARED_FIELDS as hidden
+            elif name == "study":
+                from memdisc.experiments.study import SHARED_FIELDS as hidden
             add_config_arguments(p, config_factory(), hidden=hidden)
     return parser
 
@@ -96,6 +115,9 @@ def _commands():
     return {
         "compare": (_compare_config, "the main job: burn-in, the no-attack control and every defence on one "
                     "seeded stream, then results.json, a Markdown table and plots", _run_compare),
+        "study": (_study_config, "the poisoning study: every attack x training setting (end-to-end, transfer, "
+                  "online) x poison fraction over seeds, then results.json, a Markdown table and figures",
+                  _run_study),
         "burnin": (_burnin_config, "supervised burn-in training with snapshots at chosen epochs", _run_burnin),
         "online": (_online_config, "one online run: accumulative attack (or control) against one defence",
                    _run_online),
@@ -115,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "compare":
                 from memdisc.experiments.compare import load_compare_config
                 cfg = load_compare_config(args.config, overrides)
+            elif args.command == "study":
+                from memdisc.experiments.study import load_study_config
+                cfg = load_study_config(args.config, overrides)
             else:
                 cfg = load_config(cls, args.config, overrides)
         status = fn(cfg)

@@ -6,7 +6,11 @@
 * ``results.py``: the one result schema, :class:`CellResult` (a cell's typed payload in an envelope),
   :class:`CellFailure` and :class:`GridResults` (the file of a whole grid);
 * ``compare.py``: ``memdisc compare`` as a preset of the grid; ``summary.py`` its summary over seeds;
-  ``report.py`` its Markdown table and figures.
+  ``report.py`` its Markdown table and figures;
+* ``study.py``: ``memdisc study``, the poisoning study (attack x training setting x poison fraction
+  x seeds: ``StudyConfig``, ``StudyGrid``, ``StudyRun``, ``run_study``); ``study_result.py`` its cell's
+  result (``StudyResult``); ``study_report.py`` its table, accuracy-vs-fraction curves, sample grid
+  and saliency figure.
 """
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.results import PAYLOADS, CellFailure, CellResult, GridResults

@@ -219,14 +219,14 @@ def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
 
     The seed (changhongyan123/poisoning, ``train.py``) fits the shuffled poisoned set with batch
     size 1 for up to 100 epochs (Keras EarlyStopping on the training loss, patience 20), which is
-    per-example SGD over a fixed set, not a stream.  Here
-    the set is one stream: ``cfg.epochs`` passes (a stream: 1) over the order ``torch.randperm(N)``
-    drawn from a generator seeded with ``cfg.seed``, SGD steps on consecutive minibatches of
-    ``cfg.batch_size`` (small: per-example SGD is batch size 1), with ``cfg``'s lr, momentum and
-    weight decay (momentum 0 and no weight decay is plain SGD), exactly the steps of
-    :func:`train_end_to_end` (the same loop) but with no early stopping: a stream never comes back
-    to a sample, so there is no best epoch to return to; every pass runs and the model ends as the
-    last step left it.  ``L_val`` is recorded after every pass (``TrainingLog.val_loss``).
+    per-example SGD over a fixed set, not a stream.  Here the set is one stream: ``cfg.epochs``
+    passes (a stream: 1) over the order ``torch.randperm(N)`` drawn from a generator seeded with
+    ``cfg.seed``, SGD steps on consecutive minibatches of ``cfg.batch_size`` (small: per-example
+    SGD is batch size 1), with ``cfg``'s lr, momentum and weight decay (momentum 0 and no weight
+    decay is plain SGD), exactly the steps of :func:`train_end_to_end` (the same loop) but with no
+    early stopping: a stream never comes back to a sample, so there is no best epoch to return to;
+    every pass runs and the model ends as the last step left it.  ``L_val`` is recorded after every
+    pass (``TrainingLog.val_loss``).
 
     Args and returns: as :func:`train_end_to_end`, with ``cfg`` required and ``cfg.patience`` None.
     Raises:
