@@ -209,3 +209,13 @@ def test_attack_success_rate_restores_the_model_mode():
     model = LabelReader(lambda label: torch.full_like(label, 2)).train()
     attack_success_rate(model, badnets(), x, y)
     assert model.training
+
+
+def test_attack_success_rate_refuses_a_non_attack_and_a_target_the_model_cannot_output():
+    x, y = encoded(list(range(C)), immune=[])
+    model = LabelReader(lambda label: torch.full_like(label, 2))
+    with pytest.raises(ValueError, match="^attack: expected a memdisc Attack with a backdoor"):
+        attack_success_rate(model, None, x, y)
+    wide = BadNetsAttack(BadNetsConfig(target=50), AttackData(100), 0)
+    with pytest.raises(ValueError, match="^attack: its backdoor targets class 50, but the model has 10 outputs"):
+        attack_success_rate(model, wide, x, y)

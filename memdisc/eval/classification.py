@@ -112,8 +112,12 @@ def attack_success_rate(model: torch.nn.Module, attack, x: torch.Tensor, y: torc
         ASR = #{i : y_i != t_i and argmax f(x'_i) = t_i} / #{i : y_i != t_i}
 
     All-to-one: the rows of every class but the target count; all-to-all (t = y + 1 mod C): every row.
-    ValueError for an attack without a backdoor, or when no row's label differs from its target."""
+    ValueError for an attack without a backdoor (or not an attack), a target the model has no output for,
+    or when no row's label differs from its target."""
     check_batch("x", x, "y", y)
+    if not callable(getattr(attack, "apply_backdoor", None)):
+        raise ValueError(f"attack: expected a memdisc Attack with a backdoor (e.g. badnets), got "
+                         f"{type(attack).__name__}")
     hits = torch.zeros((), dtype=torch.long, device=y.device)
     count = torch.zeros((), dtype=torch.long, device=y.device)
     with eval_mode(model):
@@ -123,8 +127,12 @@ def attack_success_rate(model: torch.nn.Module, attack, x: torch.Tensor, y: torc
                 raise ValueError(f"attack: {type(attack).__name__} plants no backdoor, so it has no attack success "
                                  f"rate; give a backdoor attack (e.g. badnets)")
             x_bd, target = backdoored
+            logits = model(x_bd)
+            if bool((target >= logits.shape[1]).any()):
+                raise ValueError(f"attack: its backdoor targets class {int(target.max())}, but the model has "
+                                 f"{logits.shape[1]} outputs; give the attack the model's number of classes")
             counted = target != y[i:i + batch_size]
-            hits += ((model(x_bd).argmax(1) == target) & counted).sum()
+            hits += ((logits.argmax(1) == target) & counted).sum()
             count += counted.sum()
     if count.item() == 0:
         raise ValueError(f"y: no test row has a label other than its backdoor target ({x.shape[0]} rows); "
