@@ -17,7 +17,7 @@ from memdisc.attacks import ATTACKS, build_attack
 from memdisc.attacks.generative import (ConvAutoencoder, GenerativeConfig, craft_generative_poisons,
                                         generative_round, generator_output_gradient, train_generator)
 from memdisc.attacks.gradient import (GradientConfig, craft_gradient_poisons, poison_gradient, poison_objective,
-                                      trainable_parameters)
+                                      victim_parameters)
 from memdisc.config import OptionError
 from tiny_nets import TinyCNN
 
@@ -114,7 +114,7 @@ def test_a_frozen_backbone_victim_trains_only_its_head():
     before = module_state(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     x_p, y_p, x_val, y_val = make_data()
-    assert sorted(trainable_parameters(model)) == ["fc.bias", "fc.weight"]
+    assert sorted(victim_parameters(model)) == ["fc.bias", "fc.weight"]
     g, _ = poison_gradient(model, x_p, y_p, x_val, y_val, victim_lr=0.5)
     h, pixel = 1e-6, (2, 0, 4, 4)
     plus, minus = x_p.clone(), x_p.clone()

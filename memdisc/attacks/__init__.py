@@ -17,14 +17,15 @@ from memdisc.attacks.badnets import BadNetsAttack, BadNetsConfig
 from memdisc.attacks.base import ATTACKS, KINDS, Attack, AttackData, PoisonedBatch, build_attack, register_attack
 from memdisc.attacks.crafting import (NORM_EPS, accumulative_direction, craft_alignment, crafting_state,
                                       gradient_alignment)
+from memdisc.attacks.generative import GenerativeAttack, GenerativeConfig
+from memdisc.attacks.gradient import GradientAttack, GradientConfig
 from memdisc.attacks.label_flip import LabelFlipAttack, LabelFlipConfig
 from memdisc.attacks.loss_based import LossAttack, LossConfig
 from memdisc.attacks.noise import NoiseAttack, NoiseConfig
 from memdisc.attacks.offline import OfflineAttack, poison_count
-from memdisc.attacks import generative, gradient  # noqa: F401 - registers "generative" and "gradient"
 
 __all__ = ["Attack", "PoisonedBatch", "AttackData", "KINDS", "ATTACKS", "register_attack", "build_attack",
            "AccumulativeAttack", "AttackConfig", "OfflineAttack", "poison_count", "LabelFlipAttack",
            "LabelFlipConfig", "NoiseAttack", "NoiseConfig", "LossAttack", "LossConfig", "BadNetsAttack",
-           "BadNetsConfig", "NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment",
+           "BadNetsConfig", "GradientAttack", "GradientConfig", "GenerativeAttack", "GenerativeConfig", "NORM_EPS", "gradient_alignment", "crafting_state", "craft_alignment",
            "accumulative_direction"]

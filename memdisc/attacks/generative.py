@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from memdisc.attacks.base import register_attack
-from memdisc.attacks.gradient import (OptimalPoisonAttack, lr_scales, poison_labels, trainable_parameters,
+from memdisc.attacks.gradient import (OptimalPoisonAttack, lr_scales, poison_labels, victim_parameters,
                                       unrolled_parameters, victim_eval_mode)
 from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, check_seed, field
@@ -147,7 +147,7 @@ def generative_round(generator: nn.Module, model: nn.Module, x_seed: torch.Tenso
     ``x_seed [B, C, H, W]`` with poison labels ``y_poison [B]``; updates ``generator``'s parameters in
     place (plain SGD, lr ``generator_lr``) and returns the clean loss ``L`` after the victim's step
     (the victim in eval mode, its weights untouched)."""
-    params = trainable_parameters(model)
+    params = victim_parameters(model)
     with torch.no_grad():
         poisons = generator(x_seed)
     x_in = x_val.detach().requires_grad_(True)
@@ -194,7 +194,7 @@ def train_generator(model: nn.Module, x_fit: torch.Tensor, x_seed: torch.Tensor,
                              f"{x_seed.device}), got {describe(x)} on {x.device}")
     if x_seed.shape[2] != x_seed.shape[3]:
         raise ValueError(f"x_seed: expected square images, got {tuple(x_seed.shape[1:])}")
-    trainable_parameters(model)  # the victim must have something to train
+    victim_parameters(model)  # the victim must have something to train
     rng = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -44,9 +44,10 @@ from memdisc.attacks.base import AttackData, register_attack
 from memdisc.attacks.offline import OfflineAttack
 from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, field
+from memdisc.training.victim import trainable_named_parameters
 
 __all__ = ["GradientConfig", "GradientAttack", "OptimalPoisonAttack", "poison_labels", "victim_eval_mode",
-           "trainable_parameters", "lr_scales", "unrolled_parameters", "poison_objective", "poison_gradient",
+           "victim_parameters", "lr_scales", "unrolled_parameters", "poison_objective", "poison_gradient",
            "craft_gradient_poisons"]
 
 
@@ -99,16 +100,15 @@ def victim_eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{name: detached tensor}`` of the parameters with requires_grad (what the victim trains; a
-    frozen backbone's parameters stay the module's own in ``functional_call``).
+def victim_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: detached tensor}`` of the parameters the victim trains
+    (:func:`memdisc.training.victim.trainable_named_parameters`; a frozen backbone's parameters stay the
+    module's own in ``functional_call``).
 
     Raises:
         ValueError: naming ``model`` when it is not a module or has no trainable parameter.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {describe(model)}")
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p.detach() for n, p in trainable_named_parameters(model).items()}
     if not params:
         raise ValueError("model: expected a module with at least one parameter with requires_grad")
     return params
@@ -143,7 +143,7 @@ def _check_problem(model, x_p, y_p, x_val, y_val, victim_lr, unroll_steps, bias_
     check_number("victim_lr", victim_lr, 0.0, strict=True)
     check_int("unroll_steps", unroll_steps)
     check_number("bias_lr_scale", bias_lr_scale, 0.0)
-    return trainable_parameters(model)
+    return victim_parameters(model)
 
 
 def _point_objective(model, params, scales, x_val, y_val, victim_lr, unroll_steps):

@@ -20,7 +20,7 @@ from torch import nn
 
 from memdisc.checks import describe
 
-__all__ = ["TransferVictim", "trainable_parameters", "trained_module", "frozen_copy"]
+__all__ = ["TransferVictim", "trainable_parameters", "trainable_named_parameters", "trained_module", "frozen_copy"]
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -31,9 +31,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     Raises:
         ValueError: naming ``model`` when it is not an ``nn.Module``.
     """
+    return list(trainable_named_parameters(model).values())
+
+
+def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of the parameters of ``model`` that train (:func:`trainable_parameters`,
+    named as in ``model.named_parameters()``: what ``torch.func.functional_call`` takes).
+
+    Raises:
+        ValueError: naming ``model`` when it is not an ``nn.Module``.
+    """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected an nn.Module, got {describe(model)}")
-    return [p for p in model.parameters() if p.requires_grad]
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class TransferVictim(nn.Module):
