@@ -115,9 +115,9 @@ SALIENCY_SAMPLES = 10
 POISONS_FORMAT = "memdisc-poisons-1"
 
 
-def attack_section(attack: str) -> str:
-    """The :class:`StudyConfig` section of an attack's options: ``label-flip`` -> ``label_flip``."""
-    return attack.replace("-", "_")
+def section_of(name: str) -> str:
+    """The :class:`StudyConfig` section of a setting's or an attack's options: ``label-flip`` -> ``label_flip``."""
+    return name.replace("-", "_")
 
 
 @dataclasses.dataclass
@@ -146,6 +146,11 @@ class StreamConfig(OfflineConfig):
 
 @dataclasses.dataclass
 class StudyConfig:
+    """The options of ``memdisc study``: what to run (dataset, model, attacks, settings, fractions, seeds),
+    the sizes of each seed's draw, and one section per setting (its training options) and per attack
+    (its options; ``fraction`` is the grid's).  The sections' ``seed`` and the attacks' ``fraction``
+    are set per cell (:data:`SHARED_FIELDS`)."""
+
     dataset: str = field("fashion-mnist", "dataset name: fashion-mnist, mnist, cifar10, cifar100, svhn")
     data_dir: str | None = field(None, "directory holding the dataset files", path="data")
     model: str = field("seed-mlp", f"model name: {', '.join(m for m in MODELS if not m.startswith('tv-'))}, or a "
@@ -205,16 +210,16 @@ class StudyConfig:
 
     def training(self, setting: str, seed: int) -> OfflineConfig:
         """The training options of ``setting`` with ``seed``."""
-        return dataclasses.replace(getattr(self, attack_section(setting)), seed=seed)
+        return dataclasses.replace(getattr(self, section_of(setting)), seed=seed)
 
     def attack_options(self, attack: str, fraction: float):
         """The options of ``attack`` at ``fraction``."""
-        return dataclasses.replace(getattr(self, attack_section(attack)), fraction=fraction)
+        return dataclasses.replace(getattr(self, section_of(attack)), fraction=fraction)
 
 
 # Options of the sections that the study sets itself (per cell): not flags, refused in a TOML file.
-SHARED_FIELDS = frozenset({f"{attack_section(s)}.seed" for s in SETTINGS}
-                          | {f"{attack_section(a)}.fraction" for a in SEED_ATTACKS})
+SHARED_FIELDS = frozenset({f"{section_of(s)}.seed" for s in SETTINGS}
+                          | {f"{section_of(a)}.fraction" for a in SEED_ATTACKS})
 
 
 def load_study_config(toml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
@@ -328,6 +333,10 @@ class StudyRun:
     def seed_dir(self, seed: int) -> Path:
         return Path(self.cfg.out) / f"seed-{seed}"
 
+    def poison_path(self, seed: int, attack: str, fraction: float) -> Path:
+        """The file of the seed's poisoned set of ``attack`` at ``fraction``."""
+        return self.seed_dir(seed) / "poisons" / f"{attack}-f{fraction!r}.pt"
+
     def load_splits(self) -> None:
         """Read the dataset's two splits and check the sizes fit them (a ValueError naming the option)."""
         cfg = self.cfg
@@ -381,7 +390,7 @@ class StudyRun:
         if attack == NO_ATTACK:
             empty = torch.zeros(0, dtype=torch.long)
             return PoisonedSet(empty, self.data[seed].x_train[:0].cpu(), empty, 0.0)
-        path = self.seed_dir(seed) / "poisons" / f"{attack}-f{fraction!r}.pt"
+        path = self.poison_path(seed, attack, fraction)
         options = to_dict(self.cfg.attack_options(attack, fraction))
         if path.exists():
             saved = load_torch_file(path, "delete it to craft these poisons again")
@@ -481,7 +490,7 @@ def _pictures(run: StudyRun, grid: StudyGrid) -> tuple[list[SampleRow], Saliency
     data, fraction = run.data[seed], float(max(cfg.fractions))
     samples = []
     for attack in cfg.attacks:
-        if (run.seed_dir(seed) / "poisons" / f"{attack}-f{fraction!r}.pt").exists():
+        if run.poison_path(seed, attack, fraction).exists():
             poisons = run.poisoned_set(seed, attack, fraction)
             rows = poisons.rows[:SAMPLES].to(run.device)
             samples.append(SampleRow(attack, fraction, clean=data.x_train[rows].cpu(), poisoned=poisons.x[:SAMPLES],
