@@ -125,9 +125,10 @@ class StreamConfig(OfflineConfig):
     """The online setting's options: :class:`~memdisc.training.offline.OfflineConfig` with a stream's defaults.
 
     One pass (a stream does not come back to a sample) in minibatches of 10 with plain SGD.  The seed
-    fits with batch size 1 (per-example SGD) for up to 100 epochs; a step costs about the same Python
-    and kernel-launch time at batch 1 as at 10 for these small networks, so batches of 10 make a pass
-    about 10x cheaper while staying a noisy small-batch stream (10x the updates of end-to-end's 128).
+    fits with batch size 1 (per-example SGD) for up to 100 epochs; for these small networks a step
+    costs nearly as much at batch 1 as at 10 (Python and kernel-launch overhead), so batches of 10
+    make a pass several times cheaper while staying a noisy small-batch stream (about 13x the
+    updates of end-to-end's batches of 128).
     """
 
     epochs: int = field(1, "passes over the stream (a stream: 1; the seed: up to 100 at batch size 1)")
