@@ -27,7 +27,7 @@ OFFLINE = [name for name, cls in ATTACKS.items() if cls.kind == "offline"]
 
 class TinyVictim(TinyCNN):
     """TinyCNN with a memdisc model's ``head`` (its final linear layer; the same parameters and state), which
-    an attack that trains its own copy of the victim with memdisc.training.offline needs (loss)."""
+    an attack that trains its own copy of the victim with memdisc.training.fit needs (loss)."""
 
     @property
     def head(self) -> nn.Linear:

@@ -24,7 +24,7 @@ from memdisc.experiments.study import (NO_ATTACK, SEED_ATTACKS, SETTINGS, Stream
                                        load_study_config, run_study, study_grid)
 from memdisc.experiments.study_report import REPORT_FILES
 from memdisc.models import build_model
-from memdisc.training.offline import OfflineConfig, train_end_to_end, train_streaming
+from memdisc.training.fit import FitConfig, train_end_to_end, train_streaming
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -243,7 +243,7 @@ def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return 0.5 * torch.rand(n, 1, 8, 8, generator=g) + 0.5 * MASKS[y], y
 
 
-def streamed(cfg: OfflineConfig, init: int = 0):
+def streamed(cfg: FitConfig, init: int = 0):
     torch.manual_seed(init)
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
     log = train_streaming(model, *make_data(200, 1), *make_data(50, 2), cfg)
@@ -271,7 +271,7 @@ def test_a_stream_takes_the_steps_of_end_to_end_training_without_early_stopping(
     torch.manual_seed(0)
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
     offline_log = train_end_to_end(model, *make_data(200, 1), *make_data(50, 2),
-                                   OfflineConfig(**dataclasses.asdict(cfg)))
+                                   FitConfig(**dataclasses.asdict(cfg)))
     assert all(torch.equal(p, q) for p, q in zip(stream.state_dict().values(), model.state_dict().values()))
     assert log == offline_log
 
@@ -280,8 +280,8 @@ def test_a_stream_refuses_early_stopping_and_names_bad_arguments():
     model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
     data = (*make_data(20, 1), *make_data(10, 2))
     with pytest.raises(ValueError, match="^cfg: a stream has no early stopping"):
-        train_streaming(model, *data, OfflineConfig(patience=2))
-    with pytest.raises(ValueError, match="^cfg: expected an OfflineConfig"):
+        train_streaming(model, *data, FitConfig(patience=2))
+    with pytest.raises(ValueError, match="^cfg: expected an FitConfig"):
         train_streaming(model, *data, None)
     with pytest.raises(ValueError, match="^y_train: expected class indices in"):
         train_streaming(model, data[0], data[1] + 10, *data[2:], StreamConfig())

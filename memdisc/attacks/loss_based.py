@@ -2,7 +2,7 @@
 
 1. **Fit**: the attacker trains a deep copy of the model it is given (``poison(model, x, y, 0)``;
    the victim itself is never changed) for ``fit_epochs`` epochs on the clean training set ``x, y``
-   with :func:`memdisc.training.offline.train_end_to_end` (:class:`OfflineConfig`'s SGD options,
+   with :func:`memdisc.training.fit.train_end_to_end` (:class:`FitConfig`'s SGD options,
    ``patience`` none, ``seed`` the attack's; the epoch of lowest loss on the attacker's clean
    validation data ``x_val, y_val`` is kept).  ``fit_epochs`` 0 ranks by the model as given.
 2. **Rank**: the per-sample loss ``CE(f(x_i), y_i)`` of every training row (eval mode); the
@@ -39,7 +39,7 @@ from memdisc.attacks.offline import OfflineAttack, poison_count
 from memdisc.checks import describe
 from memdisc.config import check_int, check_number, field
 from memdisc.eval.classification import eval_outputs
-from memdisc.training.offline import OfflineConfig, train_end_to_end
+from memdisc.training.fit import FitConfig, train_end_to_end
 
 __all__ = ["LossConfig", "LossAttack", "highest_loss_rows"]
 
@@ -113,7 +113,7 @@ class LossAttack(OfflineAttack):
         ranker = self.victim
         if n and self.cfg.fit_epochs:
             ranker = copy.deepcopy(self.victim)
-            fit = OfflineConfig(epochs=self.cfg.fit_epochs, patience=None, seed=self.seed)
+            fit = FitConfig(epochs=self.cfg.fit_epochs, patience=None, seed=self.seed)
             train_end_to_end(ranker, x, y, self.data.x_val.to(x.device), self.data.y_val.to(x.device), fit)
         self.chosen = highest_loss_rows(ranker, x, y, n) if n else torch.zeros(0, dtype=torch.long)
         keep = torch.ones(x.shape[0], dtype=torch.bool)

@@ -29,7 +29,7 @@ crafting time), so the three settings train on the same poisons.
 The settings (:data:`SETTINGS`), each a victim trained on the poisoned set:
 
 * ``end-to-end``: a fresh model (initialised from the seed, as the backbone) trained on every
-  parameter with early stopping on the validation loss (``memdisc.training.offline.train_end_to_end``);
+  parameter with early stopping on the validation loss (``memdisc.training.fit.train_end_to_end``);
 * ``transfer``: the clean backbone frozen, its head (a copy of the backbone's) retrained on the
   poisoned set (``train_transfer``);
 * ``online``: the fresh model trained on the poisoned set as a stream: one pass of small
@@ -88,7 +88,7 @@ from memdisc.experiments.study_report import SaliencyFigure, SampleRow, write_st
 from memdisc.experiments.study_result import StudyResult
 from memdisc.models import MODELS, build_model
 from memdisc.runtime.device import resolve_device
-from memdisc.training.offline import (OfflineConfig, TrainingLog, train_end_to_end, train_streaming,
+from memdisc.training.fit import (FitConfig, TrainingLog, train_end_to_end, train_streaming,
                                       train_transfer)
 from memdisc.training.victim import TransferVictim
 
@@ -121,8 +121,8 @@ def section_of(name: str) -> str:
 
 
 @dataclasses.dataclass
-class StreamConfig(OfflineConfig):
-    """The online setting's options: :class:`~memdisc.training.offline.OfflineConfig` with a stream's defaults.
+class StreamConfig(FitConfig):
+    """The online setting's options: :class:`~memdisc.training.fit.FitConfig` with a stream's defaults.
 
     One pass (a stream does not come back to a sample) in minibatches of 10 with plain SGD.  The seed
     fits with batch size 1 (per-example SGD) for up to 100 epochs; for these small networks a step
@@ -138,7 +138,7 @@ class StreamConfig(OfflineConfig):
     patience: int | None = field(None, "none: a stream has no early stopping (it never comes back to a sample)")
 
     def __post_init__(self):
-        """OfflineConfig's checks, and no patience."""
+        """FitConfig's checks, and no patience."""
         super().__post_init__()
         if self.patience is not None:
             raise OptionError("patience", f"a stream has no early stopping (it never comes back to a sample); "
@@ -168,8 +168,8 @@ class StudyConfig:
     test_subset: int = field(2000, "test rows drawn from the test split")
     device: str = field("auto", "cpu, cuda or auto")
     out: str | None = field(None, "run directory (default: runs/study-DATASET-MODEL-sSEED)", path="run")
-    end_to_end: OfflineConfig = section(OfflineConfig, "end-to-end training (also of the clean backbone)")
-    transfer: OfflineConfig = section(OfflineConfig, "transfer training of the head on the frozen backbone")
+    end_to_end: FitConfig = section(FitConfig, "end-to-end training (also of the clean backbone)")
+    transfer: FitConfig = section(FitConfig, "transfer training of the head on the frozen backbone")
     online: StreamConfig = section(StreamConfig, "the online setting: the poisoned set as a stream")
     label_flip: LabelFlipConfig = section(LabelFlipConfig, "label-flip attack options")
     noise: NoiseConfig = section(NoiseConfig, "random-noise attack options")
@@ -209,7 +209,7 @@ class StudyConfig:
     def seeds(self) -> list[int]:
         return list(range(self.seed, self.seed + self.repeats))
 
-    def training(self, setting: str, seed: int) -> OfflineConfig:
+    def training(self, setting: str, seed: int) -> FitConfig:
         """The training options of ``setting`` with ``seed``."""
         return dataclasses.replace(getattr(self, section_of(setting)), seed=seed)
 

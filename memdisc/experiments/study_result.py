@@ -19,7 +19,7 @@ class StudyResult:
 
     Accuracies are fractions in [0, 1], losses the mean cross-entropy; ``per_class_accuracy[c]`` is
     the test accuracy on class c (None for a class absent from the test rows).  ``training`` is the
-    :class:`~memdisc.training.offline.TrainingLog` as a dict (per epoch: train_loss, val_loss,
+    :class:`~memdisc.training.fit.TrainingLog` as a dict (per epoch: train_loss, val_loss,
     val_error; best_epoch, stopped_early).  ``craft_seconds``: the time the attack took to make this
     poisoned set (0 for the baseline; the same for the three settings that share it).
     ``saliency``: the file of the cell's saliency maps in its directory, or None.

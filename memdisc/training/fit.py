@@ -1,4 +1,5 @@
-"""The offline settings: training on a fixed (possibly poisoned) training set held in memory.
+"""Fitting a model to a fixed (possibly poisoned) training set held in memory: the end-to-end,
+transfer and stream settings.
 
 * :func:`train_end_to_end`: every trainable parameter of a model trains on the images;
 * :func:`train_transfer`: only a :class:`~memdisc.training.victim.TransferVictim`'s head trains, on
@@ -32,11 +33,11 @@ from memdisc.eval.classification import eval_mode
 from memdisc.models import classifier_head
 from memdisc.training.victim import TransferVictim, trainable_parameters
 
-__all__ = ["OfflineConfig", "TrainingLog", "train_end_to_end", "train_transfer", "train_streaming"]
+__all__ = ["FitConfig", "TrainingLog", "train_end_to_end", "train_transfer", "train_streaming"]
 
 
 @dataclasses.dataclass
-class OfflineConfig:
+class FitConfig:
     """The options of end-to-end and transfer training."""
 
     epochs: int = field(30, "maximum training epochs")
@@ -63,7 +64,7 @@ class OfflineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingLog:
-    """What one offline training did, one entry per epoch run (epoch e at index e - 1).
+    """What one fit did, one entry per epoch run (epoch e at index e - 1).
 
     Attributes:
         train_loss: the mean minibatch cross-entropy over the epoch, weighted by minibatch size.
@@ -94,16 +95,16 @@ def _check_data(net_name: str, head: nn.Linear, x_train, y_train, x_val, y_val) 
                          f"{tuple(x_val.shape[1:])}")
 
 
-def _check_options(name: str, net: nn.Module, cfg, progress) -> OfflineConfig:
+def _check_options(name: str, net: nn.Module, cfg, progress) -> FitConfig:
     """``cfg`` (None: the defaults), ``progress`` a bool, and ``net`` (the argument ``name``) with
     trainable parameters."""
-    if cfg is not None and not isinstance(cfg, OfflineConfig):
-        raise ValueError(f"cfg: expected an OfflineConfig, got {describe(cfg)}")
+    if cfg is not None and not isinstance(cfg, FitConfig):
+        raise ValueError(f"cfg: expected an FitConfig, got {describe(cfg)}")
     if not isinstance(progress, bool):
         raise ValueError(f"progress: expected a bool, got {describe(progress)}")
     if not trainable_parameters(net):
         raise ValueError(f"{name}: expected a module with trainable parameters (requires_grad)")
-    return OfflineConfig() if cfg is None else cfg
+    return FitConfig() if cfg is None else cfg
 
 
 @torch.no_grad()
@@ -121,7 +122,7 @@ def _validate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
 
 
 def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-         cfg: OfflineConfig, desc: str, progress: bool, early_stopping: bool = True) -> TrainingLog:
+         cfg: FitConfig, desc: str, progress: bool, early_stopping: bool = True) -> TrainingLog:
     """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``; without
     ``early_stopping`` every epoch runs and ``net`` ends with the last epoch's weights."""
     params = trainable_parameters(net)
@@ -162,7 +163,7 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
 
 
 def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                     y_val: torch.Tensor, cfg: OfflineConfig | None = None, *, progress: bool = False) -> TrainingLog:
+                     y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False) -> TrainingLog:
     """Train ``model`` (every trainable parameter; a model of :mod:`memdisc.models`) on the images, in place.
 
     Args:
@@ -170,7 +171,7 @@ def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         x_train: float ``[N, C, H, W]`` pixels in [0, 1]; y_train: int64 ``[N]`` class indices on x_train's
             device (any device: minibatches move to the model's).  x_val, y_val: the same for the
             validation set (early stopping).
-        cfg: the options (default ``OfflineConfig()``); progress: a bar over the epochs.
+        cfg: the options (default ``FitConfig()``); progress: a bar over the epochs.
     Returns:
         the :class:`TrainingLog`.
     Raises:
@@ -189,7 +190,7 @@ def _features(victim: TransferVictim, x: torch.Tensor, batch_size: int, device: 
 
 
 def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                   y_val: torch.Tensor, cfg: OfflineConfig | None = None, *, progress: bool = False) -> TrainingLog:
+                   y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False) -> TrainingLog:
     """Train a transfer victim's head on its frozen backbone's features, in place.
 
     The backbone is frozen and in eval mode and the images are not augmented, so each sample's
@@ -214,7 +215,7 @@ def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch
 
 
 def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                    y_val: torch.Tensor, cfg: OfflineConfig, *, progress: bool = False) -> TrainingLog:
+                    y_val: torch.Tensor, cfg: FitConfig, *, progress: bool = False) -> TrainingLog:
     """Train ``model`` on the training set as a stream, in place: the online setting of the study.
 
     The seed (changhongyan123/poisoning, ``train.py``) fits the shuffled poisoned set with batch
@@ -231,11 +232,11 @@ def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
     Args and returns: as :func:`train_end_to_end`, with ``cfg`` required and ``cfg.patience`` None.
     Raises:
         ValueError: naming the argument (``model`` without a linear head or trainable parameters, bad
-            batches, labels outside the head's classes, ``cfg`` not an OfflineConfig or with a patience).
+            batches, labels outside the head's classes, ``cfg`` not an FitConfig or with a patience).
     """
     _check_data("model", classifier_head(model), x_train, y_train, x_val, y_val)
-    if not isinstance(cfg, OfflineConfig):
-        raise ValueError(f"cfg: expected an OfflineConfig, got {describe(cfg)}")
+    if not isinstance(cfg, FitConfig):
+        raise ValueError(f"cfg: expected an FitConfig, got {describe(cfg)}")
     if cfg.patience is not None:
         raise ValueError(f"cfg: a stream has no early stopping (it never comes back to a sample); expected "
                          f"patience None, got {cfg.patience}")

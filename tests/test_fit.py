@@ -1,4 +1,4 @@
-"""memdisc.training.offline: end-to-end and transfer training on in-memory tensors: learning, early stopping
+"""memdisc.training.fit: end-to-end and transfer training on in-memory tensors: learning, early stopping
 on validation loss with the best epoch's weights kept, determinism under a seed, the frozen backbone's
 BatchNorm statistics (unchanged in transfer, moving end-to-end), the cached-features shortcut, and bad
 arguments named.
@@ -16,14 +16,14 @@ import torch
 from memdisc.config import OptionError
 from memdisc.eval.classification import error_rate
 from memdisc.models import build_model
-from memdisc.training import offline
-from memdisc.training.offline import OfflineConfig, TrainingLog, train_end_to_end, train_transfer
+from memdisc.training import fit
+from memdisc.training.fit import FitConfig, TrainingLog, train_end_to_end, train_transfer
 from memdisc.training.victim import TransferVictim
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 MASKS = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.25
-FAST = OfflineConfig(epochs=4, batch_size=32, lr=0.05, patience=None, seed=3)
+FAST = FitConfig(epochs=4, batch_size=32, lr=0.05, patience=None, seed=3)
 
 
 def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +117,7 @@ def test_transfer_on_cached_features_is_training_the_victim_on_images():
     cached, on_images = TransferVictim(backbone, torch.nn.Linear(128, 10)), TransferVictim(backbone)
     on_images.head.load_state_dict(cached.head.state_dict())
     log = train_transfer(cached, *TRAIN, *VAL, FAST)
-    log_images = offline._fit(on_images, *TRAIN, *VAL, FAST, "", False)
+    log_images = fit._fit(on_images, *TRAIN, *VAL, FAST, "", False)
     for a, b in zip(cached.head.parameters(), on_images.head.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert log.val_loss == pytest.approx(log_images.val_loss, rel=1e-5)
@@ -131,7 +131,7 @@ def test_transfer_on_cached_features_is_training_the_victim_on_images():
 ])
 def test_bad_options_are_named(values, option):
     with pytest.raises(OptionError, match=rf"^{option}: expected"):
-        OfflineConfig(**values)
+        FitConfig(**values)
 
 
 def test_bad_arguments_are_named():
@@ -144,7 +144,7 @@ def test_bad_arguments_are_named():
         (dict(y_val=yv + 5), r"^y_val: expected class indices in \[0, 10\) \(the classes of the model's head\), "
                              r"got values in \[5, 14\]"),
         (dict(x_val=xv[:, :, :4]), r"^x_val: expected samples of x_train's shape \(1, 8, 8\), got \(1, 4, 8\)"),
-        (dict(cfg={"epochs": 2}), r"^cfg: expected an OfflineConfig, got dict"),
+        (dict(cfg={"epochs": 2}), r"^cfg: expected an FitConfig, got dict"),
         (dict(progress="yes"), r"^progress: expected a bool, got str"),
     ]
     for change, message in cases:
