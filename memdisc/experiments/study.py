@@ -162,10 +162,10 @@ class StudyConfig:
                                                     "clean baseline, fraction 0, always runs)")
     seed: int = field(0, "random seed of the first repetition (data, initialisation, attacks, training)")
     repeats: int = field(3, "repetitions with seeds seed, seed+1, ...: each its own data draw, backbone and poisons")
-    train_subset: int = field(4000, "training rows drawn from the training split (what the attacks poison)")
-    val_size: int = field(1000, "validation rows drawn from the training split, apart from the training rows "
+    train_subset: int = field(8000, "training rows drawn from the training split (what the attacks poison)")
+    val_size: int = field(2000, "validation rows drawn from the training split, apart from the training rows "
                                 "(early stopping, the attacker's objective)")
-    test_subset: int = field(2000, "test rows drawn from the test split")
+    test_subset: int = field(5000, "test rows drawn from the test split")
     device: str = field("auto", "cpu, cuda or auto")
     out: str | None = field(None, "run directory (default: runs/study-DATASET-MODEL-sSEED)", path="run")
     end_to_end: FitConfig = section(FitConfig, "end-to-end training (also of the clean backbone)")
