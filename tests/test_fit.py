@@ -144,7 +144,7 @@ def test_bad_arguments_are_named():
         (dict(y_val=yv + 5), r"^y_val: expected class indices in \[0, 10\) \(the classes of the model's head\), "
                              r"got values in \[5, 14\]"),
         (dict(x_val=xv[:, :, :4]), r"^x_val: expected samples of x_train's shape \(1, 8, 8\), got \(1, 4, 8\)"),
-        (dict(cfg={"epochs": 2}), r"^cfg: expected an FitConfig, got dict"),
+        (dict(cfg={"epochs": 2}), r"^cfg: expected a FitConfig, got dict"),
         (dict(progress="yes"), r"^progress: expected a bool, got str"),
     ]
     for change, message in cases:

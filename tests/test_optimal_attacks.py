@@ -341,3 +341,16 @@ def test_the_registered_attack_needs_the_victim_and_validation_data(name):
     cfg = ATTACKS[name].config_class(fraction=0.0)
     out = build_attack(name, 0, cfg, num_classes=10, x_val=x_val, y_val=y_val).poison(model, x, y, 0)
     assert not out.poisoned.any() and torch.equal(out.x, x) and torch.equal(out.y, y)
+
+
+def test_optimal_attacks_refuse_a_victim_with_another_number_of_classes():
+    """Labels y + 1 mod C past the victim's outputs would fail inside torch: refused naming model."""
+    from memdisc.attacks import build_attack
+    from memdisc.models import build_model
+    torch.manual_seed(0)
+    model = build_model("seed-mlp", 1, 10, 28)
+    x, y = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
+    for name in ("gradient", "generative"):
+        attack = build_attack(name, seed=0, num_classes=13, x_val=x[:5], y_val=y[:5])
+        with pytest.raises(ValueError, match="^model: its head has 10 outputs, but the attack's data has num_classes 13"):
+            attack.poison(model, x, y, 0)

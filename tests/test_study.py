@@ -281,7 +281,28 @@ def test_a_stream_refuses_early_stopping_and_names_bad_arguments():
     data = (*make_data(20, 1), *make_data(10, 2))
     with pytest.raises(ValueError, match="^cfg: a stream has no early stopping"):
         train_streaming(model, *data, FitConfig(patience=2))
-    with pytest.raises(ValueError, match="^cfg: expected an FitConfig"):
+    with pytest.raises(ValueError, match="^cfg: expected a FitConfig"):
         train_streaming(model, *data, None)
     with pytest.raises(ValueError, match="^y_train: expected class indices in"):
         train_streaming(model, data[0], data[1] + 10, *data[2:], StreamConfig())
+
+
+def test_a_fraction_an_attack_cannot_take_is_refused_before_any_cell():
+    with pytest.raises(ValueError, match=r"^fractions \(--fractions\): 0.7 does not work for loss: fraction"):
+        load_study_config(overrides={"fractions": [0.1, 0.7]})
+    assert load_study_config(overrides={"fractions": [0.1, 0.7], "attacks": ["noise"]}).fractions == [0.1, 0.7]
+
+
+def test_a_study_run_with_another_thread_count_is_not_resumed(tmp_path):
+    """CPU results depend on the thread count in the last bits, so a resume must use the same one."""
+    from memdisc.artifacts import write_json
+    from memdisc.config import to_dict
+
+    cfg = load_study_config(overrides={"out": str(tmp_path)})
+    write_json(tmp_path / "config.json", {"command": "study", "config": to_dict(cfg),
+                                          "threads": torch.get_num_threads() + 1, "provenance": {}})
+    with pytest.raises(ValueError, match=f"its cells ran with {torch.get_num_threads() + 1} threads"):
+        study._check_out_dir(cfg)
+    write_json(tmp_path / "config.json", {"command": "study", "config": to_dict(cfg),
+                                          "threads": torch.get_num_threads(), "provenance": {}})
+    study._check_out_dir(cfg)

@@ -229,6 +229,10 @@ class OptimalPoisonAttack(OfflineAttack):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: the {self.name} attack crafts its poisons against the victim; expected an "
                              f"nn.Module, got {describe(model)}")
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Linear) and head.out_features != self.data.num_classes:
+            raise ValueError(f"model: its head has {head.out_features} outputs, but the attack's data has "
+                             f"num_classes {self.data.num_classes}; give AttackData the model's number of classes")
         self.victim, self.clean = model, x
         try:
             return super().poison(model, x, y, step)

@@ -200,6 +200,13 @@ class StudyConfig:
                                                f"runs), got {self.fractions!r}")
         if len(set(self.fractions)) != len(self.fractions):
             raise OptionError("fractions", f"expected each fraction once, got {self.fractions!r}")
+        for attack in self.attacks:  # an attack's own limits (e.g. loss: f <= 0.5), before any cell runs
+            for value in self.fractions:
+                try:
+                    self.attack_options(attack, value)
+                except OptionError as exc:
+                    raise OptionError("fractions", f"{value} does not work for {attack}: {exc.option}: "
+                                                   f"{exc.expected}") from None
         check_seed("seed", self.seed)
         for name in ("repeats", "train_subset", "val_size", "test_subset"):
             check_int(name, getattr(self, name))
@@ -436,7 +443,8 @@ class StudyRun:
         train_loss, train_accuracy = loss_and_accuracy(victim, x, y)
         test_loss, test_accuracy = loss_and_accuracy(victim, data.x_test, data.y_test)
         per_class = per_class_accuracy(victim, data.x_test, data.y_test, data.num_classes)
-        probe = linear_probe_accuracy(penultimate_features(victim, x), y.cpu(),
+        # the probe reads the representation: fitted on the clean training rows, as the seed's model_evaluation.py
+        probe = linear_probe_accuracy(penultimate_features(victim, data.x_train), data.y_train.cpu(),
                                       penultimate_features(victim, data.x_test), data.y_test.cpu(), seed=seed)
         saliency = None
         if setting == "end-to-end" and seed == cfg.seed:
@@ -471,6 +479,11 @@ def _check_out_dir(cfg: StudyConfig) -> None:
     if not path.exists():
         return
     saved = read_json(path, "delete it (or the directory) to start a study there", objects=("config",))
+    if saved.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        raise ValueError(f"{path}: its cells ran with {saved['threads']} threads, this process has "
+                         f"{torch.get_num_threads()}; CPU results depend on the thread count in the last bits "
+                         f"(and early stopping can pick another epoch): resume with OMP_NUM_THREADS="
+                         f"{saved['threads']}, or use another --out")
     saved, current = comparable(StudyConfig, saved["config"]), comparable(StudyConfig, to_dict(cfg))
     diff = sorted(k for k, v in current.items() if k not in _RERUNNABLE and saved.get(k) != v)
     if diff:
@@ -527,6 +540,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> GridResults:
                             *(run.seed_dir(s) / "poisons" for s in grid.seeds),
                             *(grid.directory(c) for c in grid.cells()))
     write_json(Path(cfg.out) / "config.json", {"command": "study", "config": to_dict(cfg),
+                                                "threads": torch.get_num_threads(),
                                                 "provenance": provenance(cfg.seed, device)})
     failure = None
     try:

@@ -99,7 +99,7 @@ def _check_options(name: str, net: nn.Module, cfg, progress) -> FitConfig:
     """``cfg`` (None: the defaults), ``progress`` a bool, and ``net`` (the argument ``name``) with
     trainable parameters."""
     if cfg is not None and not isinstance(cfg, FitConfig):
-        raise ValueError(f"cfg: expected an FitConfig, got {describe(cfg)}")
+        raise ValueError(f"cfg: expected a FitConfig, got {describe(cfg)}")
     if not isinstance(progress, bool):
         raise ValueError(f"progress: expected a bool, got {describe(progress)}")
     if not trainable_parameters(net):
@@ -232,11 +232,11 @@ def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
     Args and returns: as :func:`train_end_to_end`, with ``cfg`` required and ``cfg.patience`` None.
     Raises:
         ValueError: naming the argument (``model`` without a linear head or trainable parameters, bad
-            batches, labels outside the head's classes, ``cfg`` not an FitConfig or with a patience).
+            batches, labels outside the head's classes, ``cfg`` not a FitConfig or with a patience).
     """
     _check_data("model", classifier_head(model), x_train, y_train, x_val, y_val)
     if not isinstance(cfg, FitConfig):
-        raise ValueError(f"cfg: expected an FitConfig, got {describe(cfg)}")
+        raise ValueError(f"cfg: expected a FitConfig, got {describe(cfg)}")
     if cfg.patience is not None:
         raise ValueError(f"cfg: a stream has no early stopping (it never comes back to a sample); expected "
                          f"patience None, got {cfg.patience}")
