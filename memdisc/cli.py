@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Callable
 
 from memdisc.config import add_config_arguments, args_to_overrides, load_config
 
@@ -35,15 +36,20 @@ def _compare_config():
     return CompareConfig
 
 
-def _run_compare(cfg) -> int:
-    from memdisc.experiments.compare import run_compare
+def _run_grid(command: str, run: Callable[[], object]) -> int:
+    """Run a grid command; cells that failed are one line on stderr and exit status 1."""
     from memdisc.experiments.runner import GridError
     try:
-        run_compare(cfg)
+        run()
     except GridError as exc:
-        print(f"memdisc compare: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"memdisc {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_compare(cfg) -> int:
+    from memdisc.experiments.compare import run_compare
+    return _run_grid("compare", lambda: run_compare(cfg))
 
 
 def _study_config():
@@ -52,14 +58,8 @@ def _study_config():
 
 
 def _run_study(cfg) -> int:
-    from memdisc.experiments.runner import GridError
     from memdisc.experiments.study import run_study
-    try:
-        run_study(cfg)
-    except GridError as exc:
-        print(f"memdisc study: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    return 0
+    return _run_grid("study", lambda: run_study(cfg))
 
 
 def _run_online(cfg):
