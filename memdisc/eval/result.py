@@ -21,11 +21,36 @@ import dataclasses
 from typing import Any, ClassVar
 
 
+class JsonRecord:
+    """A dataclass result read from and written to one JSON object, its fields as the keys
+    (``described``: what the errors call it)."""
+
+    described = "result"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the fields, in field order (a shallow copy: nested records are shared)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any):
+        """The result of a :meth:`to_json` object; ValueError naming the missing or unknown keys."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"not the {cls.described} memdisc writes (a {type(obj).__name__})")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing, unknown = [k for k in names if k not in obj], sorted(set(obj) - set(names))
+        if missing or unknown:
+            raise ValueError(f"not the {cls.described} memdisc writes ("
+                             + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in
+                                         (("missing", missing), ("unknown", unknown)) if keys) + ")")
+        return cls(**obj)
+
+
 @dataclasses.dataclass
-class RunResult:
+class RunResult(JsonRecord):
     """Every number of one online run (control or attacked, one defence)."""
     kind: ClassVar[str] = "online-run"     # its name in a cell result (memdisc.experiments.results)
     file: ClassVar[str] = "result.json"    # its file in the run's directory
+    described = "online result"
     config: dict[str, Any]          # the OnlineConfig as written (memdisc.config.to_dict)
     defense: str
     attack: bool                    # False for the no-attack control
@@ -43,18 +68,3 @@ class RunResult:
     timing: dict[str, float]
     provenance: dict[str, Any]
     picture: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object of ``result.json`` (a shallow copy: the nested records are shared)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> RunResult:
-        """The result of a ``result.json`` object; ValueError naming the missing or unknown keys."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing, unknown = [k for k in names if k not in obj], sorted(set(obj) - set(names))
-        if missing or unknown:
-            raise ValueError("not the online result memdisc writes ("
-                             + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in
-                                         (("missing", missing), ("unknown", unknown)) if keys) + ")")
-        return cls(**obj)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from memdisc.eval.result import JsonRecord
+
 __all__ = ["StudyResult"]
 
 
 @dataclasses.dataclass
-class StudyResult:
+class StudyResult(JsonRecord):
     """Every number of one cell: one victim trained in one setting on one poisoned set, measured.
 
     Accuracies are fractions in [0, 1], losses the mean cross-entropy; ``per_class_accuracy[c]`` is
@@ -26,6 +28,7 @@ class StudyResult:
     """
     kind: ClassVar[str] = "study-cell"   # its name in a cell result (memdisc.experiments.results)
     file: ClassVar[str] = "result.json"  # its file in the cell's directory
+    described = "study cell result"
     attack: str
     setting: str
     fraction: float
@@ -42,19 +45,3 @@ class StudyResult:
     training: dict[str, Any]
     saliency: str | None
     provenance: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_json(cls, obj: Any) -> StudyResult:
-        """The result of a :meth:`to_json` object; ValueError naming the missing or unknown keys."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(obj, dict):
-            raise ValueError(f"not the study cell result memdisc writes (a {type(obj).__name__})")
-        missing, unknown = [k for k in names if k not in obj], sorted(set(obj) - set(names))
-        if missing or unknown:
-            raise ValueError("not the study cell result memdisc writes ("
-                             + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in
-                                         (("missing", missing), ("unknown", unknown)) if keys) + ")")
-        return cls(**obj)
