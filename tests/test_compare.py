@@ -225,6 +225,7 @@ def test_online_options_are_checked_when_the_config_is_loaded(online, message):
         load_compare_config(overrides={"burnin": {"epochs": 4, "snapshot_every": 2}, "online": online})
 
 
+@pytest.mark.slow
 def test_seed_cifar10_setup_runs_end_to_end_on_small_files(single_thread, tmp_path):
     """The paper's set-up (CIFAR-10 files, ResNet-18, the seed preset with crop + flip and the seed
     threshold schedule) through burn-in, snapshots, attack and DSC, on 140 tiny random images."""
@@ -264,6 +265,7 @@ def test_cli_unknown_defense_exits_2_with_a_one_line_error(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
+@pytest.mark.slow
 def test_repeats_run_each_seed_and_summarise_over_seeds(tiny_fashion_mnist, single_thread, tmp_path):
     out = tmp_path / "rep"
     cfg = load_compare_config(overrides={

@@ -297,6 +297,7 @@ def _interrupted(cfg: OnlineConfig, at: int, monkeypatch) -> None:
             run_online(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_writes_the_same_picture(burnin_dir, monkeypatch):
     reference = online_cfg(burnin_dir, burnin_dir.parent / "run-reference", **LATE_CORRECTION)
     expected_result = run_online(reference, progress=False).picture

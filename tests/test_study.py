@@ -85,6 +85,7 @@ def test_the_defaults_are_the_seed_attacks_settings_and_fractions_over_three_see
 
 # ----------------------------------------------------------------------------- a tiny study
 
+@pytest.mark.slow
 def test_a_tiny_study_writes_every_output_and_its_results_read_back(tiny_study):
     cfg, results, _ = tiny_study
     out = Path(cfg.out)
@@ -109,6 +110,7 @@ def test_a_tiny_study_writes_every_output_and_its_results_read_back(tiny_study):
         assert (payload.saliency is not None) == (payload.setting == "end-to-end" and cell.cell.seed == 0)
 
 
+@pytest.mark.slow
 def test_a_poison_file_holds_the_replaced_rows_and_the_attack_options(tiny_study):
     cfg, _, _ = tiny_study
     data_poisons = torch.load(Path(cfg.out) / "seed-0" / "poisons" / "label-flip-f0.25.pt", weights_only=False)
@@ -116,6 +118,7 @@ def test_a_poison_file_holds_the_replaced_rows_and_the_attack_options(tiny_study
     assert data_poisons["options"] == {**dataclasses.asdict(cfg.label_flip), "fraction": 0.25}
 
 
+@pytest.mark.slow
 def test_the_table_has_every_cell_over_its_seeds(tiny_study):
     cfg, results, _ = tiny_study
     text = (Path(cfg.out) / "results.md").read_text()
@@ -127,6 +130,7 @@ def test_the_table_has_every_cell_over_its_seeds(tiny_study):
         assert f"## Test accuracy, {setting}" in text
 
 
+@pytest.mark.slow
 def test_each_poisoned_set_is_crafted_once_and_shared_by_the_settings(tiny_study):
     _, results, crafted = tiny_study
     assert sorted(crafted) == sorted(["label-flip", "gradient"] * 2)  # attack x fraction x seed, not x setting
@@ -137,6 +141,7 @@ def test_each_poisoned_set_is_crafted_once_and_shared_by_the_settings(tiny_study
     assert all(len(times) == 1 for times in by_set.values())  # the three settings report the same crafting
 
 
+@pytest.mark.slow
 def test_a_finished_study_runs_no_cell_again_and_a_missing_cell_alone_runs(tiny_study, tmp_path, monkeypatch):
     cfg, results, _ = tiny_study
 
@@ -162,6 +167,7 @@ def test_a_finished_study_runs_no_cell_again_and_a_missing_cell_alone_runs(tiny_
     assert (redone.test_accuracy, redone.test_loss) == (gone.payload.test_accuracy, gone.payload.test_loss)
 
 
+@pytest.mark.slow
 def test_another_study_in_the_same_directory_is_refused_before_anything_is_written(tiny_study):
     cfg, _, _ = tiny_study
     before = (Path(cfg.out) / "config.json").read_bytes()
@@ -302,7 +308,7 @@ def test_a_study_run_with_another_thread_count_is_not_resumed(tmp_path):
     write_json(tmp_path / "config.json", {"command": "study", "config": to_dict(cfg),
                                           "threads": torch.get_num_threads() + 1, "provenance": {}})
     with pytest.raises(ValueError, match=f"its cells ran with {torch.get_num_threads() + 1} threads"):
-        study._check_out_dir(cfg)
+        study.check_run_dir(cfg, study._RERUNNABLE, "study")
     write_json(tmp_path / "config.json", {"command": "study", "config": to_dict(cfg),
                                           "threads": torch.get_num_threads(), "provenance": {}})
-    study._check_out_dir(cfg)
+    study.check_run_dir(cfg, study._RERUNNABLE, "study")

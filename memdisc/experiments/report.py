@@ -156,7 +156,8 @@ def _notes(results: Comparison) -> str:
 
 # ----------------------------------------------------------------------------- figures
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Draw ``fig`` on the Agg canvas and write it to ``path`` as a PNG, atomically."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -217,7 +218,7 @@ def plot_error_curves(results: Comparison, path: str | Path) -> Path:
         ax_md.set_title("MD per step: poisoned (solid) vs clean (dashed)")
         ax_md.grid(alpha=0.3)
     axes[-1].set_xlabel("online step")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_md_histograms(results: Comparison, path: str | Path) -> Path:
@@ -256,7 +257,7 @@ def plot_md_histograms(results: Comparison, path: str | Path) -> Path:
     if not panels:
         axes[0].text(0.5, 0.5, "no per-sample scores recorded", ha="center", va="center")
     fig.suptitle("Per-sample memorization discrepancy: clean vs poisoned")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(results: Comparison, path: str | Path) -> Path:
@@ -289,7 +290,7 @@ def plot_roc(results: Comparison, path: str | Path) -> Path:
     ax.set_title("Per-sample detection by memorization discrepancy")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(results: Comparison, out_dir: str | Path) -> dict[str, Path]:

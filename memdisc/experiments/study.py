@@ -328,6 +328,9 @@ class StudyRun:
     made by the first cell that needs them.
     """
 
+    blind_attacks = BLIND_ATTACKS
+    """The attacks that read no model (the others get a copy of the seed's clean backbone)."""
+
     def __init__(self, cfg: StudyConfig, device: torch.device, progress: bool = True):
         self.cfg, self.device, self.progress = cfg, device, progress
         self.data: dict[int, SeedData] = {}
@@ -408,7 +411,7 @@ class StudyRun:
                                  "to craft them again")
             return PoisonedSet(saved["rows"], saved["x"], saved["y"], saved["craft_seconds"])
         data = self.data[seed]
-        model = None if attack in BLIND_ATTACKS else copy.deepcopy(self.backbone(seed))
+        model = None if attack in self.blind_attacks else copy.deepcopy(self.backbone(seed))
         start = time.perf_counter()
         attacker = build_attack(attack, seed, self.cfg.attack_options(attack, fraction), num_classes=data.num_classes,
                                 x_val=data.x_val, y_val=data.y_val)
@@ -472,23 +475,24 @@ class StudyRun:
 _RERUNNABLE = frozenset({"attacks", "settings", "fractions", "repeats", "device"})
 
 
-def _check_out_dir(cfg: StudyConfig) -> None:
-    """Refuse a run directory whose config.json holds a study with other options (but those of
-    :data:`_RERUNNABLE`): its cells, backbones and poisons would not be this study's."""
+def check_run_dir(cfg: Any, rerunnable: frozenset[str], what: str) -> None:
+    """Refuse a run directory ``cfg.out`` whose config.json holds a ``what`` (a study, a detection grid)
+    with other options (but those of ``rerunnable``), or that ran with another thread count: its cells,
+    models and poisons would not be this run's."""
     path = Path(cfg.out) / "config.json"
     if not path.exists():
         return
-    saved = read_json(path, "delete it (or the directory) to start a study there", objects=("config",))
+    saved = read_json(path, f"delete it (or the directory) to start a {what} there", objects=("config",))
     if saved.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         raise ValueError(f"{path}: its cells ran with {saved['threads']} threads, this process has "
                          f"{torch.get_num_threads()}; CPU results depend on the thread count in the last bits "
                          f"(and early stopping can pick another epoch): resume with OMP_NUM_THREADS="
                          f"{saved['threads']}, or use another --out")
-    saved, current = comparable(StudyConfig, saved["config"]), comparable(StudyConfig, to_dict(cfg))
-    diff = sorted(k for k, v in current.items() if k not in _RERUNNABLE and saved.get(k) != v)
+    saved, current = comparable(type(cfg), saved["config"]), comparable(type(cfg), to_dict(cfg))
+    diff = sorted(k for k, v in current.items() if k not in rerunnable and saved.get(k) != v)
     if diff:
-        raise ValueError(f"{path}: a study with another configuration (differs in {', '.join(diff)}); use another "
-                         "--out or delete the directory")
+        raise ValueError(f"{path}: a {what} with another configuration (differs in {', '.join(diff)}); use "
+                         "another --out or delete the directory")
 
 
 SAMPLES = 6
@@ -524,7 +528,7 @@ def _pictures(run: StudyRun, grid: StudyGrid) -> tuple[list[SampleRow], Saliency
 def run_study(cfg: StudyConfig, progress: bool = True) -> GridResults:
     """Run (or resume) the study ``cfg`` (module docstring); returns every cell's result.
 
-    Checked before any work or write: the device, the run directory (:func:`_check_out_dir`), the data
+    Checked before any work or write: the device, the run directory (:func:`check_run_dir`), the data
     files and the sizes.  Then ``OUT/config.json``, the grid (``OUT/results.json``) and the report
     (:func:`memdisc.experiments.study_report.write_study_report`).  A failed cell raises
     :class:`memdisc.experiments.runner.GridError` once every other cell is done and the report of the
@@ -532,7 +536,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> GridResults:
     """
     device = resolve_device(cfg.device)
     grid = study_grid(cfg)
-    _check_out_dir(cfg)
+    check_run_dir(cfg, _RERUNNABLE, "study")
     check_dataset_files(cfg.dataset, cfg.data_dir)
     run = StudyRun(cfg, device, progress)
     run.load_splits()

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from memdisc.artifacts import atomic_write_text
-from memdisc.experiments.report import _save as save_figure
+from memdisc.experiments.report import save_figure
 from memdisc.experiments.results import GridResults
 from memdisc.experiments.summary import spread
 

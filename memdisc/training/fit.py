@@ -21,6 +21,7 @@ same steps without early stopping: every epoch runs and the model ends as the la
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from memdisc.eval.classification import eval_mode
 from memdisc.models import classifier_head
 from memdisc.training.victim import TransferVictim, trainable_parameters
 
-__all__ = ["FitConfig", "TrainingLog", "train_end_to_end", "train_transfer", "train_streaming"]
+__all__ = ["FitConfig", "TrainingLog", "EpochHook", "train_end_to_end", "train_transfer", "train_streaming"]
 
 
 @dataclasses.dataclass
@@ -121,8 +122,14 @@ def _validate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     return loss.item() / x.shape[0], wrong.item() / x.shape[0]
 
 
+EpochHook = Callable[[int], None]
+"""Called as ``on_epoch(epoch)`` after each epoch (from 1) is validated, with the model as that epoch
+left it (before the best epoch's weights are restored at the end); e.g. to keep snapshots."""
+
+
 def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-         cfg: FitConfig, desc: str, progress: bool, early_stopping: bool = True) -> TrainingLog:
+         cfg: FitConfig, desc: str, progress: bool, early_stopping: bool = True,
+         on_epoch: EpochHook | None = None) -> TrainingLog:
     """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``; without
     ``early_stopping`` every epoch runs and ``net`` ends with the last epoch's weights."""
     params = trainable_parameters(net)
@@ -150,6 +157,8 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
             for key, value in zip(log, (total.item() / x.shape[0], val_loss, val_error)):
                 log[key].append(value)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", val_error=f"{val_error:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch)
             if not early_stopping:
                 best_epoch = epoch
             elif best_state is None or val_loss < log["val_loss"][best_epoch - 1]:
@@ -163,7 +172,8 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
 
 
 def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                     y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False) -> TrainingLog:
+                     y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False,
+                     on_epoch: EpochHook | None = None) -> TrainingLog:
     """Train ``model`` (every trainable parameter; a model of :mod:`memdisc.models`) on the images, in place.
 
     Args:
@@ -171,7 +181,8 @@ def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
         x_train: float ``[N, C, H, W]`` pixels in [0, 1]; y_train: int64 ``[N]`` class indices on x_train's
             device (any device: minibatches move to the model's).  x_val, y_val: the same for the
             validation set (early stopping).
-        cfg: the options (default ``FitConfig()``); progress: a bar over the epochs.
+        cfg: the options (default ``FitConfig()``); progress: a bar over the epochs; on_epoch: called
+            after each epoch (:data:`EpochHook`).
     Returns:
         the :class:`TrainingLog`.
     Raises:
@@ -180,7 +191,7 @@ def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     """
     _check_data("model", classifier_head(model), x_train, y_train, x_val, y_val)
     cfg = _check_options("model", model, cfg, progress)
-    return _fit(model, x_train, y_train, x_val, y_val, cfg, "end-to-end", progress)
+    return _fit(model, x_train, y_train, x_val, y_val, cfg, "end-to-end", progress, on_epoch=on_epoch)
 
 
 @torch.no_grad()
@@ -190,7 +201,8 @@ def _features(victim: TransferVictim, x: torch.Tensor, batch_size: int, device: 
 
 
 def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                   y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False) -> TrainingLog:
+                   y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False,
+                   on_epoch: EpochHook | None = None) -> TrainingLog:
     """Train a transfer victim's head on its frozen backbone's features, in place.
 
     The backbone is frozen and in eval mode and the images are not augmented, so each sample's
@@ -211,7 +223,8 @@ def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch
     cfg = _check_options("victim", victim.head, cfg, progress)
     device = victim.head.weight.device
     z_train, z_val = (_features(victim, x, cfg.batch_size, device) for x in (x_train, x_val))
-    return _fit(victim.head, z_train, y_train.to(device), z_val, y_val.to(device), cfg, "transfer", progress)
+    return _fit(victim.head, z_train, y_train.to(device), z_val, y_val.to(device), cfg, "transfer", progress,
+                on_epoch=on_epoch)
 
 
 def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
