@@ -83,6 +83,22 @@ def test_early_stopping_keeps_the_best_epochs_weights():
     assert not same(state(model), state(make_cnn()))
 
 
+@pytest.mark.parametrize("setting", ["end-to-end", "transfer"])
+def test_on_epoch_sees_each_epochs_weights_before_the_best_is_restored(setting):
+    """The hook runs after every epoch, in order, with the weights that epoch left (epoch 1: those of a
+    one-epoch run); the run still ends with the best epoch's weights, whatever the hook saw."""
+    def victim():
+        return make_cnn() if setting == "end-to-end" else TransferVictim(trained_cnn())
+    train = train_end_to_end if setting == "end-to-end" else train_transfer
+    model, seen = victim(), {}
+    log = train(model, *TRAIN, *VAL, FAST, on_epoch=lambda epoch: seen.setdefault(epoch, state(model)))
+    assert list(seen) == [1, 2, 3, 4]
+    one = victim()
+    train(one, *TRAIN, *VAL, dataclasses.replace(FAST, epochs=1))
+    assert same(seen[1], state(one))
+    assert same(seen[log.best_epoch], state(model))
+    assert not same(seen[1], seen[4])
+
 def test_runs_are_deterministic_and_leave_the_global_rng_alone():
     rng = torch.get_rng_state()
     a, b, c = make_cnn(), make_cnn(), make_cnn()
