@@ -46,9 +46,9 @@ from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, field
 from memdisc.training.victim import trainable_named_parameters
 
-__all__ = ["GradientConfig", "GradientAttack", "OptimalPoisonAttack", "poison_labels", "victim_eval_mode",
-           "victim_parameters", "lr_scales", "unrolled_parameters", "poison_objective", "poison_gradient",
-           "craft_gradient_poisons"]
+__all__ = ["GradientConfig", "GradientAttack", "OptimalPoisonAttack", "poison_labels", "check_victim",
+           "victim_eval_mode", "victim_parameters", "lr_scales", "unrolled_parameters", "poison_objective",
+           "poison_gradient", "craft_gradient_poisons"]
 
 
 @dataclasses.dataclass
@@ -98,6 +98,20 @@ def victim_eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in flags:
             m.training = training
+
+
+def check_victim(model, num_classes: int, use: str) -> None:
+    """``model`` an nn.Module whose ``head``, where it has a linear one, has ``num_classes`` outputs.
+
+    Raises:
+        ValueError: naming ``model``, and saying ``use`` (what the attack does with it) when it is no module.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: {use}; expected an nn.Module, got {describe(model)}")
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and head.out_features != num_classes:
+        raise ValueError(f"model: its head has {head.out_features} outputs, but the attack's data has "
+                         f"num_classes {num_classes}; give AttackData the model's number of classes")
 
 
 def victim_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -226,13 +240,7 @@ class OptimalPoisonAttack(OfflineAttack):
 
     def poison(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int = 0):
         """:meth:`OfflineAttack.poison` with ``model`` required (an nn.Module)."""
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model: the {self.name} attack crafts its poisons against the victim; expected an "
-                             f"nn.Module, got {describe(model)}")
-        head = getattr(model, "head", None)
-        if isinstance(head, nn.Linear) and head.out_features != self.data.num_classes:
-            raise ValueError(f"model: its head has {head.out_features} outputs, but the attack's data has "
-                             f"num_classes {self.data.num_classes}; give AttackData the model's number of classes")
+        check_victim(model, self.data.num_classes, f"the {self.name} attack crafts its poisons against the victim")
         self.victim, self.clean = model, x
         try:
             return super().poison(model, x, y, step)

@@ -9,11 +9,14 @@ returns the set with them replaced in place:
   default; e.g. BadNets all-to-one skips the target class), by ``torch.randperm`` on a CPU
   generator seeded with the attack's seed, so the choice is the same on every device;
 * ``fraction`` is always of the whole set N, also when only some rows are eligible (a
-  ValueError names ``fraction`` when fewer than n rows are eligible);
+  ValueError names ``fraction`` when fewer than n rows are eligible, and says which are);
 * the other rows come back bit-identical, labels included; ``poisoned`` marks the n replaced.
 
-A subclass says which rows are eligible and what a chosen row becomes (:meth:`OfflineAttack.replace`);
-its config class has a ``fraction`` field.  The state is empty: the poisoned set is a function
+A subclass says which rows are eligible (:meth:`OfflineAttack.eligible`, in words
+:meth:`OfflineAttack.eligible_rows`) and what a chosen row becomes (:meth:`OfflineAttack.replace`);
+its config class has a ``fraction`` field.  One that draws its rows by another rule (the seed's
+per-class draws of label flipping) overrides :meth:`OfflineAttack.count` and
+:meth:`OfflineAttack.choose` together.  The state is empty: the poisoned set is a function
 of (options, seed, clean set), nothing an interrupted run must carry.
 """
 from __future__ import annotations
@@ -42,6 +45,31 @@ class OfflineAttack(Attack):
         """``[N]`` bool: the rows this attack may poison given labels ``y [N]``; None: every row."""
         return None
 
+    def eligible_rows(self) -> str:
+        """The rows :meth:`eligible` allows, in words (for the error of a fraction too large)."""
+        return "every row"
+
+    def count(self, y: torch.Tensor) -> int:
+        """The number of rows replaced in a set with labels ``y [N]``: ``round(fraction * N)``
+        (:func:`poison_count`)."""
+        return poison_count(self.cfg.fraction, y.shape[0])
+
+    def choose(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``[count(y)]`` int64 (CPU): the rows to replace, drawn without replacement among the eligible ones by
+        ``torch.randperm`` on ``generator`` (module docstring).
+
+        Raises:
+            ValueError: naming ``fraction`` when fewer rows are eligible than it asks for.
+        """
+        eligible = self.eligible(y)
+        candidates = torch.arange(y.shape[0]) if eligible is None else eligible.cpu().nonzero().flatten()
+        n = self.count(y)
+        if n > candidates.numel():
+            raise ValueError(f"fraction: {self.cfg.fraction} of {y.shape[0]} rows is {n} rows, but only "
+                             f"{candidates.numel()} may be poisoned by {self.name} ({self.eligible_rows()}); expected "
+                             f"a fraction <= {candidates.numel() / max(1, y.shape[0]):.4g}")
+        return candidates[torch.randperm(candidates.numel(), generator=generator)[:n]]
+
     @abc.abstractmethod
     def replace(self, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,20 +86,14 @@ class OfflineAttack(Attack):
             step: 0 (an offline attack poisons once).
         Returns:
             ``PoisonedBatch(x' [N, ...], y' [N], poisoned [N] bool)`` on x's device: exactly
-            ``round(fraction * N)`` rows replaced, the others bit-identical.
+            ``count(y)`` rows replaced (``round(fraction * N)``), the others bit-identical.
         """
         self.check_received(x, y)
         check_labels("y", y, self.data.num_classes)
         if isinstance(step, bool) or not isinstance(step, int) or step != 0:
             raise ValueError(f"step: an offline attack poisons the whole training set once, at step 0; got {step!r}")
         generator = torch.Generator().manual_seed(self.seed)
-        eligible = self.eligible(y)
-        candidates = torch.arange(x.shape[0]) if eligible is None else eligible.cpu().nonzero().flatten()
-        n = poison_count(self.cfg.fraction, x.shape[0])
-        if n > candidates.numel():
-            raise ValueError(f"fraction: {self.cfg.fraction} of {x.shape[0]} rows is {n} rows, but only "
-                             f"{candidates.numel()} may be poisoned by {self.name}")
-        rows = candidates[torch.randperm(candidates.numel(), generator=generator)[:n]].to(x.device)
+        rows = self.choose(y, generator).to(x.device)
         x_rows, y_rows = self.replace(x[rows], y[rows], generator)
         poisoned = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         poisoned[rows] = True
