@@ -6,7 +6,7 @@ from torch import nn
 
 
 class TinyCNN(nn.Module):
-    """conv3x3(1->4) - BatchNorm - ReLU - maxpool2 - linear(64 -> 10), for 1x8x8 inputs."""
+    """conv3x3(1->4) - BatchNorm - ReLU - maxpool2 (``features``, [B, 64]) - linear(64 -> 10), for 1x8x8 inputs."""
 
     def __init__(self):
         super().__init__()
@@ -14,5 +14,8 @@ class TinyCNN(nn.Module):
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(64, 10)
 
+    def features(self, x):
+        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1)
+
     def forward(self, x):
-        return self.fc(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1))
+        return self.fc(self.features(x))

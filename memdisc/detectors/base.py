@@ -1,10 +1,13 @@
-"""The detector interface: a per-sample suspicion score, higher = more suspicious.
+"""The detector interface: a per-sample suspicion score, higher = more suspicious, and the
+detector's own rule for which scores it flags.
 
 ``detector.fit(model, x_clean, y_clean)`` once where the detector learns from clean data,
-then ``detector.score(model, x, y) -> [N]`` for any batch.  ``DETECTORS`` maps each name to its
-class; ``@register_detector(name)`` adds one, and the contract tests (tests/test_contracts.py)
-then cover it.  Every registered class is built from the historical snapshots and its own
-keyword options, ``cls(snapshots, **options)`` (a detector that needs no snapshots ignores them).
+then ``detector.score(model, x, y) -> [N]`` and ``detector.flag(scores, y) -> [N] bool``.
+``DETECTORS`` maps each name to its class; ``@register_detector(name)`` adds one, and the contract
+tests (tests/test_contracts.py) then cover it.  Every registered class is built from the
+historical snapshots and its own keyword options, ``cls(snapshots, **options)``: a detector
+that reads them (``needs_snapshots``, MD) takes a :class:`~memdisc.snapshots.SnapshotSet`, the
+others take None or a SnapshotSet, which they ignore.
 """
 from __future__ import annotations
 
@@ -14,13 +17,31 @@ from typing import Callable
 import torch
 from torch import nn
 
+from memdisc.checks import describe
+from memdisc.detectors.thresholds import check_scores, tail_threshold
+from memdisc.snapshots import SnapshotSet
+
 __all__ = ["Detector", "DETECTORS", "register_detector"]
 
 
 class Detector(abc.ABC):
-    """Scores samples for how likely each is poisoned."""
+    """Scores samples for how likely each is poisoned, and flags the suspicious ones."""
 
     name: str = ""
+    needs_snapshots: bool = False
+    """True: built from the historical snapshots (a SnapshotSet); False: from None or a SnapshotSet (ignored)."""
+
+    @classmethod
+    def check_snapshots(cls, snapshots) -> None:
+        """``snapshots`` a SnapshotSet, or also None where the detector does not read them.
+
+        Raises:
+            ValueError: naming ``snapshots``.
+        """
+        if isinstance(snapshots, SnapshotSet) or (snapshots is None and not cls.needs_snapshots):
+            return
+        expected = "a SnapshotSet" if cls.needs_snapshots else "None or a SnapshotSet (unused)"
+        raise ValueError(f"snapshots: {cls.__name__} takes {expected}, got {describe(snapshots)}")
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> "Detector":
         """Learn from clean samples ``x [N, ...]``, ``y [N]`` under ``model``; nothing by default."""
@@ -30,6 +51,19 @@ class Detector(abc.ABC):
     def score(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``[N]`` float suspicion of each sample of ``x [N, ...]`` (labels ``y [N]`` where the
         detector reads them), higher = more suspicious; no gradient."""
+
+    def flag(self, scores: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` bool: the rows this detector calls poisoned, from its own ``scores [N]`` of a whole
+        set (``y [N]``, the set's labels, where the rule reads them; checked when given).
+
+        Default rule: the Gaussian tail of the lower half (:func:`~memdisc.detectors.thresholds.tail_threshold`),
+        ``scores >= mu + sigma * sqrt(-2 ln 1e-6)``.
+
+        Raises:
+            ValueError: naming ``scores`` (not a non-empty [N] float tensor of finite values) or ``y``.
+        """
+        check_scores(scores, y)
+        return scores.double() >= tail_threshold(scores)
 
     def state_dict(self) -> dict:
         return {}

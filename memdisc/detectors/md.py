@@ -50,8 +50,11 @@ class MDDetector(Detector):
         reduce: "mean", "max", "min" or a snapshot index.
         temperature: softmax temperature of both distributions (> 0).
 
-    Nothing to fit: the snapshots are what the model is compared with (``fit`` is a no-op).
+    Nothing to fit: the snapshots are what the model is compared with (``fit`` is a no-op).  Flags by
+    the default rule (:meth:`Detector.flag`).
     """
+
+    needs_snapshots = True
 
     def __init__(self, snapshots: SnapshotSet, reduce: str | int = "mean", temperature: float = 1.0):
         if not isinstance(snapshots, SnapshotSet):
