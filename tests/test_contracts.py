@@ -292,6 +292,8 @@ def test_detector_scores_every_sample_without_changing_the_model(name):
     scores = detector.score(model, x, y)
     assert scores.shape == (B,) and scores.is_floating_point() and not scores.requires_grad
     assert bool(torch.isfinite(scores).all())
+    flags = detector.flag(scores, y)
+    assert flags.shape == (B,) and flags.dtype == torch.bool
     assert model.training and all(not m.training for m in snaps.models)
     assert_same_module_state(before, module_state(model))
 
@@ -315,6 +317,11 @@ def test_detector_is_deterministic_and_its_state_round_trips(name):
 def test_detector_refuses_bad_arguments_by_name(name):
     with pytest.raises(ValueError, match="^snapshots"):
         DETECTORS[name]("not a snapshot set")
+    if DETECTORS[name].needs_snapshots:
+        with pytest.raises(ValueError, match="^snapshots"):
+            DETECTORS[name](None)
+    else:  # a detector that reads no snapshots is built without them too
+        DETECTORS[name](None)
     _, snaps = model_and_history()
     with pytest.raises(ValueError, match="^state"):
         DETECTORS[name](snaps).load_state_dict({"not": "a state"})
