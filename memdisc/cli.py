@@ -2,6 +2,7 @@
 
     memdisc compare [--config FILE] [--flags]   burn-in, control and every defence, report
     memdisc study   [--config FILE] [--flags]   poisoning attacks x training settings x fractions, report
+    memdisc detect  [--config FILE] [--flags]   backdoor attacks x settings x detectors, remove-and-retrain, report
     memdisc burnin  [--config FILE] [--flags]   supervised training + snapshots
     memdisc online  [--config FILE] [--flags]   one online run (attack + one defence)
     memdisc info                                versions and kernel status
@@ -62,6 +63,16 @@ def _run_study(cfg) -> int:
     return _run_grid("study", lambda: run_study(cfg))
 
 
+def _detect_config():
+    from memdisc.experiments.detect import DetectConfig
+    return DetectConfig
+
+
+def _run_detect(cfg) -> int:
+    from memdisc.experiments.detect import run_detect
+    return _run_grid("detect", lambda: run_detect(cfg))
+
+
 def _run_online(cfg):
     from memdisc.training.online import run_online
     r = run_online(cfg)
@@ -107,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                 from memdisc.experiments.compare import SHARED_FIELDS as hidden
             elif name == "study":
                 from memdisc.experiments.study import SHARED_FIELDS as hidden
+            elif name == "detect":
+                from memdisc.experiments.detect import SHARED_FIELDS as hidden
             add_config_arguments(p, config_factory(), hidden=hidden)
     return parser
 
@@ -118,6 +131,9 @@ def _commands():
         "study": (_study_config, "the poisoning study: every attack x training setting (end-to-end, transfer, "
                   "online) x poison fraction over seeds, then results.json, a Markdown table and figures",
                   _run_study),
+        "detect": (_detect_config, "backdoor data detection: every attack x training setting x detector (ASSET, "
+                   "spectral signatures, activation clustering, loss, MD) over seeds, with remove-and-retrain, "
+                   "then results.json, a Markdown table and figures", _run_detect),
         "burnin": (_burnin_config, "supervised burn-in training with snapshots at chosen epochs", _run_burnin),
         "online": (_online_config, "one online run: accumulative attack (or control) against one defence",
                    _run_online),
@@ -140,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "study":
                 from memdisc.experiments.study import load_study_config
                 cfg = load_study_config(args.config, overrides)
+            elif args.command == "detect":
+                from memdisc.experiments.detect import load_detect_config
+                cfg = load_detect_config(args.config, overrides)
             else:
                 cfg = load_config(cls, args.config, overrides)
         status = fn(cfg)

@@ -9,7 +9,8 @@ a whole grid.
 ``payload`` is the cell's typed result as its class writes it (``kind`` names the class in
 :data:`PAYLOADS`: ``"online-run"`` is ``memdisc.eval.result.RunResult``, ``result.json`` of an
 online run; ``"study-cell"`` is ``memdisc.experiments.study_result.StudyResult``, a cell of
-``memdisc study``); its provenance (versions, commit, device, seed) is the payload's own.  A cell that
+``memdisc study``; ``"detect-cell"`` is ``memdisc.experiments.detect_result.DetectResult``, a cell
+of ``memdisc detect``); its provenance (versions, commit, device, seed) is the payload's own.  A cell that
 failed is a :class:`CellFailure` (its id, the error and the traceback).  :class:`GridResults`
 is the file that collects them (``"schema": "memdisc.grid-results/1"``, then ``grid``, ``cells``
 and ``failures``).  Each ``from_json`` refuses an object of another schema or kind, naming what
@@ -25,10 +26,11 @@ from typing import Any
 from memdisc.artifacts import read_json
 from memdisc.eval.result import RunResult
 from memdisc.experiments.grid import Cell
+from memdisc.experiments.detect_result import DetectResult
 from memdisc.experiments.study_result import StudyResult
 
-#: Payload classes by ``kind``; the detection grid adds its own here.
-PAYLOADS: dict[str, type] = {cls.kind: cls for cls in (RunResult, StudyResult)}
+#: Payload classes by ``kind``.
+PAYLOADS: dict[str, type] = {cls.kind: cls for cls in (RunResult, StudyResult, DetectResult)}
 
 CELL_SCHEMA = "memdisc.cell-result/1"
 GRID_SCHEMA = "memdisc.grid-results/1"
