@@ -194,3 +194,19 @@ def test_cli_unknown_detector_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("memdisc detect: error: ") and "--detectors" in err and "\n" not in err
 
+
+
+@pytest.mark.slow
+def test_clean_label_poisons_are_crafted_against_the_clean_backbone(tiny_fashion_mnist, tmp_path):
+    """The attack that reads a model gets the seed's clean backbone (trained once, saved), and its poisons keep
+    their (target-class) labels."""
+    cfg = tiny_config(tiny_fashion_mnist, tmp_path / "run", attacks=["clean-label"], detectors=["loss"])
+    results = run_detect(cfg, progress=False)
+    assert not results.failures and (tmp_path / "run" / "seed-0" / "backbone.pt").exists()
+    run = detect.DetectRun(cfg, torch.device("cpu"), progress=False)
+    run.load_splits()
+    run.prepare(0)
+    poisons = run.poisoned_set(0, "clean-label", cfg.clean_label.fraction)
+    assert (poisons.y == cfg.clean_label.target).all()
+    assert torch.equal(run.data[0].y_train[poisons.rows], poisons.y)
+    assert results.cells[0].payload.before["asr"] is not None

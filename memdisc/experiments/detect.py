@@ -101,11 +101,12 @@ DETECT_DETECTORS = tuple(DETECTORS)
 """Every registered detector."""
 
 
-def _options_section(name: str) -> type:
+def _options_section(name: str, **grid_defaults: Any) -> type:
     """A config dataclass of detector ``name``'s keyword options, their defaults and types read from its
-    constructor (one place for each default), so that each is a TOML key ``[SECTION]`` and a flag; the
-    seed is the grid's.  Its ``__post_init__`` builds the detector once, so a bad value is refused
-    before any cell runs, named by its key and flag."""
+    constructor (one place for each default; ``grid_defaults`` replace some for this grid, and the help
+    says the detector's own), so that each is a TOML key ``[SECTION]`` and a flag; the seed is the
+    grid's.  Its ``__post_init__`` builds the detector once, so a bad value is refused before any cell
+    runs, named by its key and flag."""
     cls = DETECTORS[name]
     hints = typing.get_type_hints(cls.__init__)
     params = [p for p in inspect.signature(cls).parameters.values()
@@ -117,13 +118,16 @@ def _options_section(name: str) -> type:
         except ValueError as exc:
             option, _, expected = str(exc).partition(": ")
             raise OptionError(option, expected) from None
-    return dataclasses.make_dataclass(
-        f"{cls.__name__}Options",
-        [(p.name, hints[p.name], field(p.default, f"{name} option {p.name} (see {cls.__module__})"))
-         for p in params], namespace={"__post_init__": check})
+
+    def option(p: inspect.Parameter):
+        own = "" if p.name not in grid_defaults else f"; the detector's own default: {p.default!r}"
+        return p.name, hints[p.name], field(grid_defaults.get(p.name, p.default),
+                                            f"{name} option {p.name} (see {cls.__module__}{own})")
+    return dataclasses.make_dataclass(f"{cls.__name__}Options", [option(p) for p in params],
+                                      namespace={"__post_init__": check})
+
 
 SUSPECT_FORMAT = "memdisc-suspect-1"
-
 
 AssetOptions = _options_section("asset")
 SpectralOptions = _options_section("spectral")
