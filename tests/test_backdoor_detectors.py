@@ -249,6 +249,18 @@ def test_cluster_margins_of_two_groups():
     assert cluster_margins(f[:1], 10, 0)[1] == 0.5  # one row: nothing to split
 
 
+
+def test_cluster_margins_drop_columns_constant_over_the_class():
+    """ReLU units never active on a class are constant columns: FastICA's whitening would divide by their zero
+    spread (NaN inside scikit-learn); they are dropped, and the split is the one of the other columns."""
+    rng = np.random.default_rng(0)
+    f = np.concatenate([rng.normal(0, 1, (40, 12)), rng.normal(8, 1, (10, 12))])
+    with_dead = np.concatenate([f, np.zeros((50, 30))], axis=1)  # 42 columns > 10 components: FastICA runs
+    margin, small = cluster_margins(with_dead, components=10, seed=0)
+    assert np.isfinite(margin).all() and small == 0.2 and (margin[40:] > 0).all()
+    np.testing.assert_array_equal(margin, cluster_margins(f, components=10, seed=0)[0])
+    assert cluster_margins(np.zeros((5, 3)), 10, 0)[1] == 0.5  # nothing varies: nothing to split
+
 def test_activation_clustering_flags_the_small_cluster_of_a_suspect_class(backdoor):
     model, x, y, poisoned, *_ = backdoor
     for components in (10, 4):  # the 8 features as they are; reduced by FastICA to 4

@@ -3,11 +3,12 @@ read back, measures that agree with the saved scores, remove-and-retrain on the 
 finished cell never runs again, a suspect model is trained once per attack and setting), the base set, and
 options named as typed.
 
-The tiny grid: the tiny Fashion-MNIST files of conftest.py, the "cnn" on 200 training rows, two epochs,
+The tiny grid: the tiny Fashion-MNIST files of conftest.py, the "cnn" on 200 training rows, three epochs,
 BadNets and the noisy-label control, MD and the loss detector, one seed.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,14 @@ from memdisc.experiments.runner import GridError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TWO_EPOCHS = {"epochs": 2, "batch_size": 32, "patience": None}
+THREE_EPOCHS = {"epochs": 3, "batch_size": 32, "patience": None}
 
 
 def tiny_config(data_dir: Path, out: Path, **values) -> DetectConfig:
     options = {"data_dir": str(data_dir), "out": str(out), "device": "cpu", "model": "cnn",
                "attacks": ["badnets", "noisy-label"], "detectors": ["MD", "loss"], "repeats": 1,
                "train_subset": 200, "val_size": 64, "test_subset": 128, "base_per_class": 4,
-               "end_to_end": TWO_EPOCHS, "transfer": TWO_EPOCHS, "badnets": {"fraction": 0.1},
+               "end_to_end": THREE_EPOCHS, "transfer": THREE_EPOCHS, "badnets": {"fraction": 0.1},
                "md": {"snapshot_epochs": [1]}}
     options.update(values)
     return load_detect_config(None, options)
@@ -180,13 +181,45 @@ def test_options_are_named_as_typed(tiny_fashion_mnist, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_md_without_a_trained_snapshot_epoch_fails_its_cell_by_name(tiny_fashion_mnist, tmp_path):
+def test_md_snapshots_are_the_epochs_before_the_best_and_none_is_an_error_by_name(tiny_fashion_mnist, tmp_path):
+    with pytest.raises(ValueError, match="--md-snapshot-epochs"):  # the last epoch cannot precede the best one
+        tiny_config(tiny_fashion_mnist, tmp_path / "run", md={"snapshot_epochs": [3]})
     cfg = tiny_config(tiny_fashion_mnist, tmp_path / "run", attacks=["noisy-label"], detectors=["MD"],
-                      md={"snapshot_epochs": [5]})
-    with pytest.raises(GridError):
-        run_detect(cfg, progress=False)
-    failures = GridResults.read(tmp_path / "run" / "results.json").failures
-    assert len(failures) == 1 and "--md-snapshot-epochs" in failures[0].error
+                      end_to_end={**THREE_EPOCHS, "patience": None}, md={"snapshot_epochs": [1, 2]})
+    run = detect.DetectRun(cfg, torch.device("cpu"), progress=False)
+    run.load_splits()
+    run.prepare(0)
+    suspect = run.suspect(0, "noisy-label", "end-to-end")
+    best = suspect.training["best_epoch"]
+    assert suspect.snapshot_epochs == [e for e in (1, 2) if e < best] and len(suspect.snapshots) == len(
+        suspect.snapshot_epochs)
+    again = run.suspect(0, "noisy-label", "end-to-end")  # read back from its file
+    assert again.snapshot_epochs == suspect.snapshot_epochs
+    with pytest.raises(ValueError, match="--md-snapshot-epochs"):
+        run.detector("MD", 0, dataclasses.replace(suspect, snapshots=[], snapshot_epochs=[]))
+
+
+def test_a_suspect_file_of_other_options_is_refused_by_name(tiny_fashion_mnist, tmp_path):
+    cfg = tiny_config(tiny_fashion_mnist, tmp_path / "run", attacks=["noisy-label"])
+    run = detect.DetectRun(cfg, torch.device("cpu"), progress=False)
+    run.load_splits()
+    run.prepare(0)
+    run.suspect(0, "noisy-label", "end-to-end")
+    other = detect.DetectRun(dataclasses.replace(cfg, noisy_label=dataclasses.replace(cfg.noisy_label, fraction=0.2)),
+                             torch.device("cpu"), progress=False)
+    other.load_splits()
+    other.prepare(0)
+    with pytest.raises(ValueError, match="noisy-label-end-to-end.pt: not the noisy-label suspect"):
+        other.suspect(0, "noisy-label", "end-to-end")
+
+
+def test_an_attack_option_the_data_cannot_take_is_refused_before_anything_is_written(tiny_fashion_mnist, tmp_path):
+    for values, flag in ((dict(badnets={"target": 12}), "--badnets-target"),
+                         (dict(attacks=["clean-label"], clean_label={"fraction": 0.5}), "--clean-label-fraction")):
+        cfg = tiny_config(tiny_fashion_mnist, tmp_path / "run", **values)
+        with pytest.raises(ValueError, match=flag):
+            run_detect(cfg, progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 def test_cli_unknown_detector_is_a_one_line_error(capsys):

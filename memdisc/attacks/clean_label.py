@@ -68,7 +68,8 @@ class CleanLabelConfig(BlendOptions, PatchOptions):
     target: int = field(2, "the target class: its rows are poisoned (labels kept), triggered images go to it")
     eps: float = field(32 / 255, "L-inf bound of the perturbation (pixels in [0, 1]; Turner et al.: 8, 16, 32 / 255)")
     steps: int = field(10, "PGD steps of the perturbation")
-    step_size: float = field(8 / 255, "PGD step size (signed gradient; default 2.5 * eps / steps)")
+    step_size: float = field(8 / 255, "PGD step size (signed gradient; the default 8/255 is 2.5 * eps / steps at the "
+                                          "default eps and steps: set it with them)")
     trigger: str = field("patch", "trigger stamped after the perturbation: patch (BadNets') or blended")
     batch_size: int = field(512, "rows per PGD batch (memory only: every row is perturbed on its own)")
 

@@ -48,11 +48,16 @@ __all__ = ["ActivationClusteringDetector", "cluster_margins"]
 def cluster_margins(features: np.ndarray, components: int, seed: int) -> tuple[np.ndarray, float]:
     """``(margin [n] float64, r)`` of the rows of one class's ``features [n, D]`` (module docstring, steps
     1-3): each row's margin towards the smaller of two k-means clusters and that cluster's relative size
-    ``r`` in ``[0, 0.5]``; for ``n < 2`` zeros and ``r = 0.5`` (nothing to split)."""
-    n, dims = features.shape
+    ``r`` in ``[0, 0.5]``; for ``n < 2`` zeros and ``r = 0.5`` (nothing to split).  Columns constant over
+    the class (e.g. ReLU units never active on it) are dropped first: they carry nothing to cluster on and
+    FastICA's whitening divides by their zero spread."""
+    n = features.shape[0]
     if n < 2:
         return np.zeros(n), 0.5
-    reduced = features
+    features = features[:, features.std(axis=0) > 0]
+    if features.shape[1] == 0:
+        return np.zeros(n), 0.5
+    reduced, dims = features, features.shape[1]
     if dims > components and n > components:
         reduced = FastICA(n_components=components, max_iter=1000, tol=0.005, whiten="unit-variance",
                           random_state=seed).fit_transform(features)

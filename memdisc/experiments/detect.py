@@ -65,8 +65,8 @@ from memdisc.attacks.badnets import BadNetsConfig
 from memdisc.attacks.blended import BlendedConfig
 from memdisc.attacks.clean_label import CleanLabelConfig
 from memdisc.attacks.label_flip import FlippingLabelConfig, NoisyLabelConfig
-from memdisc.config import (OptionError, build, check_choice, check_int, check_list, check_seed, field, merge,
-                            read_toml, section, to_dict)
+from memdisc.config import (OptionError, build, check_choice, check_int, check_list, check_number, check_seed,
+                            field, merge, option_name, read_toml, section, to_dict)
 from memdisc.data import DATASETS, check_dataset_files
 from memdisc.detectors import DETECTORS
 from memdisc.detectors.md import REDUCTIONS
@@ -77,7 +77,7 @@ from memdisc.experiments.detect_result import DetectResult
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.results import GridResults
 from memdisc.experiments.runner import GridError, run_grid
-from memdisc.experiments.study import StudyRun, check_run_dir, section_of
+from memdisc.experiments.study import SeededGrid, StudyRun, check_run_dir, refuse_shared_fields, section_of
 from memdisc.models import MODELS
 from memdisc.runtime.device import resolve_device
 from memdisc.snapshots import SnapshotSet
@@ -163,7 +163,7 @@ class DetectFit(FitConfig):
 
 
 @dataclasses.dataclass
-class DetectConfig:
+class DetectConfig(SeededGrid):
     """The options of ``memdisc detect``: what to run (dataset, model, attacks, settings, detectors, seeds),
     the sizes of each seed's draw, one section per setting (its training options), per attack (its
     options, its ``fraction`` included) and MD's snapshots.  The settings' ``seed`` is set per cell."""
@@ -214,20 +214,17 @@ class DetectConfig:
                 raise OptionError(name, f"expected a non-empty list of names from {', '.join(known)}, got {values!r}")
             if len(set(values)) != len(values):
                 raise OptionError(name, f"expected each name once, got {values!r}")
-        if isinstance(self.fpr, bool) or not isinstance(self.fpr, (int, float)) or not 0 <= self.fpr <= 1:
-            raise OptionError("fpr", f"expected a rate in [0, 1], got {self.fpr!r}")
+        check_number("fpr", self.fpr, 0.0, 1.0)
+        for setting in self.settings:
+            epochs = getattr(self, section_of(setting)).epochs
+            if "MD" in self.detectors and max(self.md.snapshot_epochs) >= epochs:
+                raise OptionError("md.snapshot_epochs", f"expected epochs before the last of {setting} training "
+                                                        f"({epochs}), got {self.md.snapshot_epochs!r}")
         check_seed("seed", self.seed)
         for name in ("repeats", "train_subset", "val_size", "test_subset", "base_per_class"):
             check_int(name, getattr(self, name))
         if self.out is None:
             self.out = f"runs/detect-{self.dataset}-{self.model}-s{self.seed}"
-
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.repeats))
-
-    def training(self, setting: str, seed: int) -> FitConfig:
-        """The training options of ``setting`` with ``seed``."""
-        return dataclasses.replace(getattr(self, section_of(setting)), seed=seed)
 
     def attack_options(self, attack: str, fraction: float | None = None):
         """The options of ``attack`` (at ``fraction`` when given)."""
@@ -245,10 +242,7 @@ SHARED_FIELDS = frozenset(f"{section_of(s)}.seed" for s in DETECT_SETTINGS)
 def load_detect_config(toml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> DetectConfig:
     """Defaults < TOML < flags; an option the grid sets itself (:data:`SHARED_FIELDS`) is refused by name."""
     values = merge(read_toml(toml_path), overrides or {})
-    for key in sorted(SHARED_FIELDS):
-        where, name = key.split(".")
-        if isinstance(values.get(where), dict) and name in values[where]:
-            raise ValueError(f"{key}: set by the grid for each cell from seed and repeats; remove it")
+    refuse_shared_fields(values, SHARED_FIELDS, "detection grid")
     return build(DetectConfig, values)
 
 
@@ -301,13 +295,14 @@ class DetectRun(StudyRun):
 
     def prepare(self, seed: int) -> None:
         """The study's draw, then the base set: the first ``base_per_class`` rows of each class in the rest
-        of the same seeded permutation of the training split."""
+        of the permutation of the training split the draw took its rows from; then each attack's row count
+        checked against the training rows (a fraction an attack cannot take is refused before any
+        training, naming its option)."""
         if seed in self.base:
             return
         super().prepare(seed)
         cfg, train = self.cfg, self._splits["train"]
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        rest = order[cfg.train_subset + cfg.val_size:]
+        rest = self.train_order[seed][cfg.train_subset + cfg.val_size:]
         _, labels = train.batch(rest)
         rows = torch.cat([rest[labels == c][:cfg.base_per_class] for c in range(train.num_classes)])
         if rows.numel() < cfg.base_per_class * train.num_classes:
@@ -315,6 +310,12 @@ class DetectRun(StudyRun):
                              f"{cfg.base_per_class} rows of some class")
         x, y = train.batch(rows)
         self.base[seed] = (x.to(self.device), y.to(self.device))
+        for attack in cfg.attacks:
+            try:
+                self.attacker(seed, attack).choose(self.data[seed].y_train.cpu(), torch.Generator())
+            except ValueError as exc:  # OptionError, or choose's "fraction: ..." (too few eligible rows)
+                option, _, expected = str(exc).partition(": ")
+                raise ValueError(f"{option_name(section_of(attack) + '.' + option)}: {expected}") from None
 
     def attacker(self, seed: int, attack: str):
         """The attack object of the cell (for its backdoor at test time)."""
@@ -348,15 +349,24 @@ class DetectRun(StudyRun):
         log = train(victim, x, y, data.x_val, data.y_val, self.cfg.training(setting, seed), on_epoch=keep)
         return victim.eval(), snapshots, epochs, log, time.perf_counter() - start
 
+    def _suspect_options(self, seed: int, attack: str, setting: str) -> dict[str, Any]:
+        """What a suspect model is a function of, as its file records it (a file of other options is refused)."""
+        cfg = self.cfg
+        return {"attack": to_dict(cfg.attack_options(attack)), "training": to_dict(cfg.training(setting, seed)),
+                "snapshot_epochs": list(cfg.md.snapshot_epochs), "model": cfg.model}
+
     def suspect(self, seed: int, attack: str, setting: str) -> Suspect:
-        """The model trained in ``setting`` on the seed's ``attack`` set: read from its file, else trained
-        (with its snapshots), measured and saved."""
+        """The model trained in ``setting`` on the seed's ``attack`` set: read from its file, else trained,
+        measured and saved, with its snapshots: the copies after the epochs of ``md.snapshot_epochs``
+        *before* its best epoch (the weights it ends with; a copy at or after it is not a historical model
+        of the final one)."""
         path = self.seed_dir(seed) / "suspects" / f"{attack}-{setting}.pt"
-        victim = self._victim(setting, seed)
+        victim, options = self._victim(setting, seed), self._suspect_options(seed, attack, setting)
         if path.exists():
             saved = load_torch_file(path, "delete it to train the suspect model again")
-            if not isinstance(saved, dict) or saved.get("format") != SUSPECT_FORMAT:
-                raise ValueError(f"{path}: not a suspect model of this grid; delete it to train it again")
+            if not isinstance(saved, dict) or saved.get("format") != SUSPECT_FORMAT or saved.get("options") != options:
+                raise ValueError(f"{path}: not the {attack} suspect model of this grid's options; delete it to "
+                                 "train it again")
             trained_module(victim).load_state_dict(saved["state"])
             snapshots = []
             for state in saved["snapshots"]:
@@ -369,8 +379,10 @@ class DetectRun(StudyRun):
         x, y = self.poisoned_set(seed, attack, self.cfg.fraction(attack)).apply(data.x_train, data.y_train)
         self._say(f"    seed {seed}: training the suspect model ({attack}, {setting})")
         model, snapshots, epochs, log, seconds = self._train(setting, seed, x, y, self.cfg.md.snapshot_epochs)
+        kept = [(s, e) for s, e in zip(snapshots, epochs) if e < log.best_epoch]
+        snapshots, epochs = [s for s, _ in kept], [e for _, e in kept]
         error, asr = self._measure(model, seed, attack)
-        atomic_torch_save({"format": SUSPECT_FORMAT, "state": trained_module(model).state_dict(),
+        atomic_torch_save({"format": SUSPECT_FORMAT, "options": options, "state": trained_module(model).state_dict(),
                            "snapshots": [trained_module(s).state_dict() for s in snapshots],
                            "snapshot_epochs": epochs, "clean_error": error, "asr": asr, "train_seconds": seconds,
                            "training": dataclasses.asdict(log), "provenance": provenance(seed, self.device)}, path)
@@ -384,8 +396,9 @@ class DetectRun(StudyRun):
         snapshots = None
         if name == "MD":
             if not suspect.snapshots:
-                raise ValueError(f"--md-snapshot-epochs: none of {self.cfg.md.snapshot_epochs} was trained (the "
-                                 f"suspect stopped after {len(suspect.training['val_loss'])} epochs)")
+                raise ValueError(f"{option_name('md.snapshot_epochs')}: none of {self.cfg.md.snapshot_epochs} comes "
+                                 f"before the suspect's best epoch ({suspect.training['best_epoch']}), the weights "
+                                 "it ends with; give earlier epochs")
             snapshots, options["reduce"] = SnapshotSet(suspect.snapshots), self.cfg.md.reduce
         if "seed" in inspect.signature(cls).parameters:
             options["seed"] = seed
@@ -411,12 +424,19 @@ class DetectRun(StudyRun):
         detection.update(flagged=int(flags.sum()), tpr=float((flags & poisoned).sum() / poisoned.sum()),
                          fpr=float((flags & ~poisoned).sum() / (~poisoned).sum()))
         keep = (~flags).to(x.device)
-        model, _, _, log, seconds = self._train(setting, seed, x[keep], y[keep])
-        error, asr = self._measure(model, seed, attack)
+        after: dict[str, Any] = {"clean_error": None, "asr": None, "removed": int(flags.sum()), "train_seconds": 0.0,
+                                 "training": None}
+        if keep.any():
+            model, _, _, log, seconds = self._train(setting, seed, x[keep], y[keep])
+            error, asr = self._measure(model, seed, attack)
+            after.update(clean_error=error, asr=asr, train_seconds=seconds, training=dataclasses.asdict(log))
         file = atomic_torch_save({"scores": scores, "poisoned": poisoned, "flags": flags}, directory / "scores.pt")
+        retrained = ("every row flagged: nothing to retrain on" if after["clean_error"] is None else
+                     f"retrained: clean error {100 * after['clean_error']:.2f}%"
+                     + ("" if after["asr"] is None else f", ASR {100 * after['asr']:.1f}%"))
         self._say(f"    {name}: AUROC {detection['auroc']:.3f}, flagged {detection['flagged']} (TPR "
                   f"{100 * detection['tpr']:.1f}%, FPR {100 * detection['fpr']:.1f}%) in {detect_seconds:.1f} s; "
-                  f"retrained: clean error {100 * error:.2f}%" + ("" if asr is None else f", ASR {100 * asr:.1f}%"))
+                  + retrained)
         return DetectResult(
             attack=attack, setting=setting, detector=name, poisoned=int(poisoned.sum()),
             config={"dataset": cfg.dataset, "model": cfg.model, "train_subset": cfg.train_subset,
@@ -427,21 +447,21 @@ class DetectRun(StudyRun):
             detection=detection, detect_seconds=detect_seconds,
             before={"clean_error": suspect.clean_error, "asr": suspect.asr, "train_seconds": suspect.train_seconds,
                     "training": suspect.training},
-            after={"clean_error": error, "asr": asr, "removed": int(flags.sum()), "train_seconds": seconds,
-                   "training": dataclasses.asdict(log)},
+            after=after,
             scores=file.name, provenance=provenance(seed, self.device))
 
 
 # ----------------------------------------------------------------------------- the run
 
-_RERUNNABLE = frozenset({"attacks", "settings", "detectors", "repeats", "device", "fpr"})
+_RERUNNABLE = frozenset({"attacks", "settings", "detectors", "repeats", "device"})
 """Options a run directory may be run again with: which cells, how many seeds, where."""
 
 
 def run_detect(cfg: DetectConfig, progress: bool = True) -> GridResults:
     """Run (or resume) the grid ``cfg`` (module docstring); returns every cell's result.
 
-    Checked before any work or write: the device, the run directory, the data files and the sizes.
+    Checked before any work or write: the device, the run directory, the data files, the sizes and the
+    attacks' options against the first seed's rows.
     Then ``OUT/config.json``, the grid (``OUT/results.json``) and the report.  A failed cell raises
     :class:`memdisc.experiments.runner.GridError` once every other cell is done and the report of the
     finished cells is written.
@@ -452,6 +472,7 @@ def run_detect(cfg: DetectConfig, progress: bool = True) -> GridResults:
     check_dataset_files(cfg.dataset, cfg.data_dir)
     run = DetectRun(cfg, device, progress)
     run.load_splits()
+    run.prepare(cfg.seed)  # the attacks' options checked against the data before anything is written
     remove_stale_temp_files(cfg.out, *(run.seed_dir(s) / sub for s in grid.seeds for sub in ("", "poisons", "suspects")),
                             *(grid.directory(c) for c in grid.cells()))
     write_json(Path(cfg.out) / "config.json", {"command": "detect", "config": to_dict(cfg),

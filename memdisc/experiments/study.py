@@ -145,8 +145,30 @@ class StreamConfig(FitConfig):
                                           f"expected none, got {self.patience}")
 
 
+class SeededGrid:
+    """What the configurations of the grids over seeds share: fields ``seed`` and ``repeats``, and one
+    training section per setting (named by :func:`section_of`)."""
+
+    def seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.repeats))
+
+    def training(self, setting: str, seed: int) -> FitConfig:
+        """The training options of ``setting`` with ``seed``."""
+        return dataclasses.replace(getattr(self, section_of(setting)), seed=seed)
+
+
+def refuse_shared_fields(values: dict[str, Any], shared: frozenset[str], what: str) -> None:
+    """Refuse, naming it, a ``section.option`` of ``shared`` given in ``values`` (a TOML file's or the
+    flags' nested options): the grid ``what`` sets it itself for each cell."""
+    for key in sorted(shared):
+        where, name = key.split(".")
+        if isinstance(values.get(where), dict) and name in values[where]:
+            source = "seed and repeats" if name == "seed" else "fractions"
+            raise ValueError(f"{key}: set by the {what} for each cell from its {source}; remove it")
+
+
 @dataclasses.dataclass
-class StudyConfig:
+class StudyConfig(SeededGrid):
     """The options of ``memdisc study``: what to run (dataset, model, attacks, settings, fractions, seeds),
     the sizes of each seed's draw, and one section per setting (its training options) and per attack
     (its options; ``fraction`` is the grid's).  The sections' ``seed`` and the attacks' ``fraction``
@@ -213,13 +235,6 @@ class StudyConfig:
         if self.out is None:
             self.out = f"runs/study-{self.dataset}-{self.model}-s{self.seed}"
 
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.repeats))
-
-    def training(self, setting: str, seed: int) -> FitConfig:
-        """The training options of ``setting`` with ``seed``."""
-        return dataclasses.replace(getattr(self, section_of(setting)), seed=seed)
-
     def attack_options(self, attack: str, fraction: float):
         """The options of ``attack`` at ``fraction``."""
         return dataclasses.replace(getattr(self, section_of(attack)), fraction=fraction)
@@ -233,11 +248,7 @@ SHARED_FIELDS = frozenset({f"{section_of(s)}.seed" for s in SETTINGS}
 def load_study_config(toml_path: Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Defaults < TOML < flags; an option the study sets itself (:data:`SHARED_FIELDS`) is refused by name."""
     values = merge(read_toml(toml_path), overrides or {})
-    for key in sorted(SHARED_FIELDS):
-        where, name = key.split(".")
-        if isinstance(values.get(where), dict) and name in values[where]:
-            what = "seed and repeats" if name == "seed" else "fractions"
-            raise ValueError(f"{key}: set by the study for each cell from its {what}; remove it")
+    refuse_shared_fields(values, SHARED_FIELDS, "study")
     # memdisc.config reads lists of ints and strings; a list of numbers is checked here and given to the
     # dataclass, whose own check names the option as memdisc.config.build does.
     fractions = values.pop("fractions", None)
@@ -334,6 +345,9 @@ class StudyRun:
     def __init__(self, cfg: StudyConfig, device: torch.device, progress: bool = True):
         self.cfg, self.device, self.progress = cfg, device, progress
         self.data: dict[int, SeedData] = {}
+        self.train_order: dict[int, torch.Tensor] = {}
+        """Per prepared seed, the permutation of the training split it drew: its first train_subset rows are
+        the training rows, the next val_size the validation rows."""
         self._backbones: dict[int, nn.Module] = {}
         self._splits: dict[str, Any] = {}
 
@@ -370,6 +384,7 @@ class StudyRun:
         cfg, gen = self.cfg, torch.Generator().manual_seed(seed)
         train, test = self._splits["train"], self._splits["test"]
         order = torch.randperm(len(train), generator=gen)
+        self.train_order[seed] = order
         x, y = train.batch(order[:cfg.train_subset + cfg.val_size])
         x_test, y_test = test.batch(torch.randperm(len(test), generator=gen)[:cfg.test_subset])
         n, d = cfg.train_subset, self.device
