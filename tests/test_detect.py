@@ -173,6 +173,10 @@ def test_options_are_named_as_typed(tiny_fashion_mnist, tmp_path):
         DetectConfig(attacks=["badnets", "badnets"])
     with pytest.raises(OptionError, match="snapshot_epochs"):
         detect.MDOptions(snapshot_epochs=[])
+    with pytest.raises(ValueError, match="asset.lr"):
+        load_detect_config(None, {"asset": {"lr": -1.0}})
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(detect.AssetOptions)}
+    assert "Adam's learning rate" in helps["lr"] and "seed" not in helps  # the docstring's; the seed is the grid's
     with pytest.raises(ValueError, match=r"end_to_end\.seed"):
         load_detect_config(None, {"end_to_end": {"seed": 3}})
     cfg = tiny_config(tiny_fashion_mnist, tmp_path / "run", base_per_class=100)

@@ -101,6 +101,24 @@ DETECT_DETECTORS = tuple(DETECTORS)
 """Every registered detector."""
 
 
+def _documented_args(cls: type) -> dict[str, str]:
+    """``{argument: its description}`` from the ``Args:`` block of ``cls``'s docstring (a line
+    ``name: text`` indented one level, continued by lines indented further)."""
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    if "Args:" not in lines:
+        return {}
+    out: dict[str, str] = {}
+    for line in lines[lines.index("Args:") + 1:]:
+        if not line.startswith("    "):
+            break
+        head, sep, text = line.strip().partition(": ")
+        if not line.startswith("        ") and sep and head.isidentifier():
+            out[head] = text
+        elif out:
+            out[list(out)[-1]] += " " + line.strip()
+    return out
+
+
 def _options_section(name: str, **grid_defaults: Any) -> type:
     """A config dataclass of detector ``name``'s keyword options, their defaults and types read from its
     constructor (one place for each default; ``grid_defaults`` replace some for this grid, and the help
@@ -119,10 +137,12 @@ def _options_section(name: str, **grid_defaults: Any) -> type:
             option, _, expected = str(exc).partition(": ")
             raise OptionError(option, expected) from None
 
+    described = _documented_args(cls)
+
     def option(p: inspect.Parameter):
         own = "" if p.name not in grid_defaults else f"; the detector's own default: {p.default!r}"
-        return p.name, hints[p.name], field(grid_defaults.get(p.name, p.default),
-                                            f"{name} option {p.name} (see {cls.__module__}{own})")
+        text = described.get(p.name, f"see {cls.__module__}")
+        return p.name, hints[p.name], field(grid_defaults.get(p.name, p.default), f"{name}: {text}{own}")
     return dataclasses.make_dataclass(f"{cls.__name__}Options", [option(p) for p in params],
                                       namespace={"__post_init__": check})
 
