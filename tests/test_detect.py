@@ -247,3 +247,10 @@ def test_clean_label_poisons_are_crafted_against_the_clean_backbone(tiny_fashion
     assert (poisons.y == cfg.clean_label.target).all()
     assert torch.equal(run.data[0].y_train[poisons.rows], poisons.y)
     assert results.cells[0].payload.before["asr"] is not None
+
+
+def test_the_asset_notebook_preset_loads_with_the_notebooks_options():
+    cfg = load_detect_config(Path(__file__).parents[1] / "scripts" / "detect-asset-cifar10.toml")
+    assert (cfg.dataset, cfg.model, cfg.device, cfg.base_per_class) == ("cifar10", "resnet18", "cuda", 100)
+    assert (cfg.badnets.fraction, cfg.badnets.target, cfg.badnets.mode) == (0.05, 2, "all-to-one")
+    assert (cfg.asset.lr, cfg.asset.vnet_lr, cfg.asset.epochs, cfg.asset.batch_size) == (1e-4, 1e-4, 1, 512)
