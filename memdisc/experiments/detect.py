@@ -57,8 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memdisc.artifacts import (atomic_torch_save, load_torch_file, provenance, remove_stale_temp_files,
-                               write_json)
+from memdisc.artifacts import atomic_torch_save, load_torch_file, provenance, remove_stale_temp_files
 from memdisc.attacks import build_attack
 from memdisc.attacks.backdoor import BackdoorAttack
 from memdisc.attacks.badnets import BadNetsConfig
@@ -76,8 +75,8 @@ from memdisc.experiments.detect_report import write_detect_report
 from memdisc.experiments.detect_result import DetectResult
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.results import GridResults
-from memdisc.experiments.runner import GridError, run_grid
-from memdisc.experiments.study import SeededGrid, StudyRun, check_run_dir, refuse_shared_fields, section_of
+from memdisc.experiments.study import (SeededGrid, StudyRun, check_run_dir, refuse_shared_fields, run_and_report,
+                                      section_of)
 from memdisc.models import MODELS
 from memdisc.runtime.device import resolve_device
 from memdisc.snapshots import SnapshotSet
@@ -499,19 +498,5 @@ def run_detect(cfg: DetectConfig, progress: bool = True) -> GridResults:
     run.prepare(cfg.seed)  # the attacks' options checked against the data before anything is written
     remove_stale_temp_files(cfg.out, *(run.seed_dir(s) / sub for s in grid.seeds for sub in ("", "poisons", "suspects")),
                             *(grid.directory(c) for c in grid.cells()))
-    write_json(Path(cfg.out) / "config.json", {"command": "detect", "config": to_dict(cfg),
-                                                "threads": torch.get_num_threads(),
-                                                "provenance": provenance(cfg.seed, device)})
-    failure = None
-    try:
-        run_grid(grid, run, prepare=run.prepare, progress=progress)
-    except GridError as exc:
-        failure = exc
-    results = GridResults.read(Path(cfg.out) / grid.results_file)
-    paths = write_detect_report(results, cfg.out, grid.directory)
-    if progress:
-        print((Path(cfg.out) / "results.md").read_text())
-        print("written:", ", ".join(str(p) for p in [Path(cfg.out) / grid.results_file, *paths.values()]))
-    if failure is not None:
-        raise failure
-    return results
+    return run_and_report("detect", cfg, grid, run, device,
+                          lambda results: write_detect_report(results, cfg.out, grid.directory), progress)

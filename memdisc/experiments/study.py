@@ -62,7 +62,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -558,7 +558,17 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> GridResults:
     remove_stale_temp_files(cfg.out, *(run.seed_dir(s) for s in grid.seeds),
                             *(run.seed_dir(s) / "poisons" for s in grid.seeds),
                             *(grid.directory(c) for c in grid.cells()))
-    write_json(Path(cfg.out) / "config.json", {"command": "study", "config": to_dict(cfg),
+    return run_and_report("study", cfg, grid, run, device,
+                          lambda results: write_study_report(results, cfg.out, *_pictures(run, grid)), progress)
+
+
+def run_and_report(command: str, cfg: Any, grid: Grid, run: StudyRun, device: torch.device,
+                   report: Callable[[GridResults], dict[str, Path]], progress: bool) -> GridResults:
+    """What a grid command does once its checks passed: ``OUT/config.json`` (the configuration, the thread
+    count, provenance), every cell not finished (``run.prepare`` per seed, ``run`` per cell), then
+    ``report(results)`` (its files; ``OUT/results.md`` among them), also when cells failed, and then the
+    :class:`~memdisc.experiments.runner.GridError` of the failed cells."""
+    write_json(Path(cfg.out) / "config.json", {"command": command, "config": to_dict(cfg),
                                                 "threads": torch.get_num_threads(),
                                                 "provenance": provenance(cfg.seed, device)})
     failure = None
@@ -567,7 +577,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> GridResults:
     except GridError as exc:
         failure = exc
     results = GridResults.read(Path(cfg.out) / grid.results_file)
-    paths = write_study_report(results, cfg.out, *_pictures(run, grid))
+    paths = report(results)
     if progress:
         print((Path(cfg.out) / "results.md").read_text())
         print("written:", ", ".join(str(p) for p in [Path(cfg.out) / grid.results_file, *paths.values()]))
