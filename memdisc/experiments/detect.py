@@ -169,7 +169,8 @@ class MDOptions:
     def __post_init__(self):
         check_list("snapshot_epochs", self.snapshot_epochs, int)
         if not self.snapshot_epochs or len(set(self.snapshot_epochs)) != len(self.snapshot_epochs):
-            raise OptionError("snapshot_epochs", f"expected distinct epochs, e.g. [1, 2, 3], got {self.snapshot_epochs!r}")
+            raise OptionError("snapshot_epochs", f"expected distinct epochs, e.g. [1, 2, 3], got "
+                                                 f"{self.snapshot_epochs!r}")
         for epoch in self.snapshot_epochs:
             check_int("snapshot_epochs", epoch)
         check_choice("reduce", self.reduce, REDUCTIONS)
@@ -313,8 +314,8 @@ class DetectRun(StudyRun):
         cfg, n_train = self.cfg, len(self._splits["train"])
         need = cfg.train_subset + cfg.val_size + cfg.base_per_class * self._splits["train"].num_classes
         if need > n_train:
-            raise ValueError(f"--base-per-class: train_subset + val_size + base_per_class x classes = {need} rows, "
-                             f"but the {cfg.dataset} training split has {n_train}")
+            raise ValueError(f"{option_name('base_per_class')}: train_subset + val_size + base_per_class x classes = "
+                             f"{need} rows, but the {cfg.dataset} training split has {n_train}")
 
     def prepare(self, seed: int) -> None:
         """The study's draw, then the base set: the first ``base_per_class`` rows of each class in the rest
@@ -329,8 +330,8 @@ class DetectRun(StudyRun):
         _, labels = train.batch(rest)
         rows = torch.cat([rest[labels == c][:cfg.base_per_class] for c in range(train.num_classes)])
         if rows.numel() < cfg.base_per_class * train.num_classes:
-            raise ValueError(f"--base-per-class: the rest of the {cfg.dataset} training split has fewer than "
-                             f"{cfg.base_per_class} rows of some class")
+            raise ValueError(f"{option_name('base_per_class')}: the rest of the {cfg.dataset} training split has "
+                             f"fewer than {cfg.base_per_class} rows of some class")
         x, y = train.batch(rows)
         self.base[seed] = (x.to(self.device), y.to(self.device))
         for attack in cfg.attacks:
@@ -496,7 +497,8 @@ def run_detect(cfg: DetectConfig, progress: bool = True) -> GridResults:
     run = DetectRun(cfg, device, progress)
     run.load_splits()
     run.prepare(cfg.seed)  # the attacks' options checked against the data before anything is written
-    remove_stale_temp_files(cfg.out, *(run.seed_dir(s) / sub for s in grid.seeds for sub in ("", "poisons", "suspects")),
+    remove_stale_temp_files(cfg.out, *(run.seed_dir(s) / sub for s in grid.seeds
+                                       for sub in ("", "poisons", "suspects")),
                             *(grid.directory(c) for c in grid.cells()))
     return run_and_report("detect", cfg, grid, run, device,
                           lambda results: write_detect_report(results, cfg.out, grid.directory), progress)
