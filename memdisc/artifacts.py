@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import memdisc
+from memdisc.runtime.distributed import process_comm
 
 
 # The temporary names of atomic_write_bytes: mkstemp's prefix ".NAME." + 8 characters of [a-z0-9_] + ".tmp"
@@ -32,8 +33,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     An OSError (read-only or full directory, a file where a folder should be) is raised again
     naming ``path`` and what to check.
+
+    Under torch.distributed (``memdisc.runtime.distributed``) every rank calls this at the same point:
+    they all wait until each has arrived, rank 0 writes, and they wait again, so the file exists for
+    every rank afterwards and no rank checks for it while rank 0 writes it.
     """
     path = Path(path)
+    comm = process_comm()
+    comm.barrier()
+    try:
+        if comm.is_writer:
+            _write_bytes(path, data)
+    finally:  # rank 0's failure must not leave the others waiting here
+        comm.barrier()
+    return path
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """The write of :func:`atomic_write_bytes`, on this process."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +68,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             raise OSError(exc.errno, f"cannot write it ({exc.strerror}); check that its directory is writable "
                           "and has free space", str(path)) from exc
         raise
-    return path
 
 
 def remove_stale_temp_files(*directories: str | Path) -> list[Path]:
@@ -60,9 +76,11 @@ def remove_stale_temp_files(*directories: str | Path) -> list[Path]:
 
     Only names of memdisc's own pattern ``.NAME.XXXXXXXX.tmp`` are touched.  Call it when a run
     (re)starts in directories it owns, after checking that they hold this run.  Returns the
-    removed paths.
+    removed paths (none on a rank other than 0 of a distributed run: those are rank 0's).
     """
     removed = []
+    if not process_comm().is_writer:  # rank 0's own files, which it may be writing now
+        return removed
     for directory in map(Path, directories):
         if directory.is_dir():
             for path in sorted(directory.iterdir()):
@@ -142,13 +160,15 @@ def cpu_instruction_sets() -> dict[str, str]:
 
 
 def provenance(seed: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Versions, commit, device, CPU instruction sets and seed to record beside every result."""
+    """Versions, commit, device, CPU instruction sets, seed and the number of processes (torch.distributed
+    ranks) to record beside every result."""
     from memdisc.ops import extension_loaded
 
     import numpy
     return {"memdisc": memdisc.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "commit": git_commit(), "device": device_name(device),
-            "cpu_isa": cpu_instruction_sets(), "extension": extension_loaded(), "seed": seed}
+            "cpu_isa": cpu_instruction_sets(), "extension": extension_loaded(), "seed": seed,
+            "processes": process_comm().world_size}
 
 
 MODEL_FILE_FORMAT = "memdisc-model-1"

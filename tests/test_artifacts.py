@@ -13,14 +13,48 @@ import memdisc
 from memdisc import artifacts
 from memdisc.artifacts import (atomic_torch_save, atomic_write_bytes, atomic_write_text, git_commit,
                                MODEL_FILE_FORMAT, load_model_file, model_from_file, provenance, save_model_file,
-                               write_json)
+                               remove_stale_temp_files, write_json)
+from memdisc.runtime.distributed import Comm
 from memdisc.models import build_model
 
-PROVENANCE_KEYS = {"memdisc", "torch", "numpy", "python", "commit", "device", "cpu_isa", "extension", "seed"}
+PROVENANCE_KEYS = {"memdisc", "torch", "numpy", "python", "commit", "device", "cpu_isa", "extension", "seed",
+                   "processes"}
 
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class _Rank(Comm):
+    """A rank of a two-process run that records the barriers it is asked for."""
+    world_size = 2
+
+    def __init__(self, rank: int):
+        self.rank, self.barriers = rank, 0
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_under_torch_distributed_only_rank_0_writes_between_two_barriers(tmp_path, monkeypatch):
+    for rank in (1, 0):
+        comm = _Rank(rank)
+        monkeypatch.setattr(artifacts, "process_comm", lambda: comm)
+        path = atomic_write_text(tmp_path / f"from-{rank}" / "a.txt", "hello")
+        assert path.exists() == (rank == 0) and comm.barriers == 2
+    stale = tmp_path / ".b.txt.abcdefgh.tmp"
+    stale.write_text("rank 0's write in progress")
+    monkeypatch.setattr(artifacts, "process_comm", lambda: _Rank(1))
+    assert remove_stale_temp_files(tmp_path) == [] and stale.exists()  # never another rank's temporary file
+
+
+def test_rank_0_s_failed_write_still_releases_the_others(tmp_path, monkeypatch):
+    comm = _Rank(0)
+    monkeypatch.setattr(artifacts, "process_comm", lambda: comm)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="cannot write it"):
+        atomic_write_text(tmp_path / "file" / "a.txt", "x")  # a file where a folder should be
+    assert comm.barriers == 2
 
 
 def test_atomic_write_creates_parents_replaces_and_is_0644(tmp_path):
@@ -110,7 +144,7 @@ def test_provenance_keys_and_values():
     info = provenance(seed=7)
     assert set(info) == PROVENANCE_KEYS
     assert info["memdisc"] == memdisc.__version__ and info["torch"] == torch.__version__
-    assert info["seed"] == 7 and isinstance(info["extension"], bool)
+    assert info["seed"] == 7 and isinstance(info["extension"], bool) and info["processes"] == 1
     isa = info["cpu_isa"]
     assert set(isa) == {"cpu", "memdisc", "aten", "onednn"}
     assert isa["aten"] == torch.backends.cpu.get_cpu_capability()

@@ -28,14 +28,15 @@ class OtherRank(Comm):
     def all_reduce_sum(self, t):
         return t + self.theirs.pop(0)
 
-    def all_reduce_mean(self, t):
-        return (t + self.theirs.pop(0)) / 2
+    def row_mean(self, t):
+        theirs = self.theirs.pop(0)
+        return (t.sum() + theirs.sum()) / (t.numel() + theirs.numel())
 
 
 def test_one_process_is_the_identity_and_writes():
     t = torch.randn(5, 3)
     assert LOCAL.world_size == 1 and LOCAL.rank == 0 and LOCAL.is_writer
-    for op in (LOCAL.all_gather, LOCAL.all_reduce_sum, LOCAL.all_reduce_mean):
+    for op in (LOCAL.all_gather, LOCAL.all_reduce_sum, LOCAL.shard):
         assert op(t) is t
     assert not type("Rank1", (Comm,), {"rank": 1})().is_writer
 
@@ -85,7 +86,7 @@ def test_the_per_batch_rule_reads_the_global_batch_mean():
     alone = DSC(snaps, "batch", ThresholdSchedule("fixed", tau0=tau), iters=3, early_exit=False)
     assert int(alone.correct(model, x, y, 0)[1].iterations.sum()) == 0
     together = DSC(snaps, "batch", ThresholdSchedule("fixed", tau0=tau), iters=3, early_exit=False,
-                   comm=OtherRank(*[torch.tensor(4 * float(md))] * 3))
+                   comm=OtherRank(*[torch.full((8,), 4 * float(md))] * 3))
     assert together.correct(model, x, y, 0)[1].iterations.tolist() == [3] * 8
 
 
@@ -98,8 +99,15 @@ def _two_gloo_ranks(rank: int, store: str, out: str) -> None:
         mine = torch.arange(3 + rank, dtype=torch.float32) + 10 * rank  # shards of unequal length
         gathered = comm.all_gather(mine)
         total = comm.all_reduce_sum(torch.tensor([1.0 + rank, 2.0]))
-        mean = comm.all_reduce_mean(torch.tensor(2.0 * rank))
-        torch.save({"rank": comm.rank, "writer": comm.is_writer, "gathered": gathered, "sum": total, "mean": mean},
+        mean = comm.row_mean(mine)
+        shard = comm.shard(torch.arange(5))
+        buffer = comm.broadcast_(torch.tensor([float(rank + 1)]))
+        layer = torch.nn.Linear(2, 1)
+        layer.weight.grad = torch.full_like(layer.weight, 1.0 + rank)  # layer.bias.grad stays None: zeros
+        comm.sync_gradients(list(layer.parameters()))
+        comm.barrier()
+        torch.save({"rank": comm.rank, "writer": comm.is_writer, "gathered": gathered, "sum": total, "mean": mean,
+                    "shard": shard, "broadcast": buffer, "grads": [p.grad for p in layer.parameters()]},
                    f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -116,4 +124,7 @@ def test_torch_distributed_comm_on_two_gloo_processes(tmp_path):
         got = torch.load(f"{out}.{rank}")
         assert got["rank"] == rank and got["writer"] == (rank == 0)
         assert got["gathered"].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0]
-        assert got["sum"].tolist() == [3.0, 4.0] and got["mean"].item() == 1.0
+        assert got["sum"].tolist() == [3.0, 4.0] and got["mean"].item() == 7.0  # (0+1+2 + 10+11+12+13) / 7
+        assert got["shard"].tolist() == [[0, 1, 2], [3, 4]][rank]
+        assert got["broadcast"].tolist() == [1.0]
+        assert got["grads"][0].tolist() == [[3.0, 3.0]] and got["grads"][1].tolist() == [0.0]

@@ -20,7 +20,6 @@ from memdisc.attacks import AttackConfig
 from memdisc.config import to_dict
 from memdisc.data import BatchStream
 from memdisc.eval.result import RunResult
-from memdisc.runtime.distributed import Comm
 from memdisc.training.online import OnlineConfig, run_online
 from memdisc.training.supervised import BurninConfig, run_burnin
 
@@ -271,13 +270,3 @@ def test_a_device_passed_down_is_not_resolved_again(runs, burnin_dir, tmp_path, 
     monkeypatch.setattr(online_module, "resolve_device", fail)
     result = run_online(moved, progress=False, device=torch.device("cpu"))
     assert result.error_after_trigger == reference.error_after_trigger
-
-
-def test_only_the_writer_writes(runs, burnin_dir, tmp_path):
-    """A process that is not the writer (rank 1) computes the run and writes no file."""
-    cfg, reference, _ = runs["control"]
-    moved = _copy_run(cfg, burnin_dir, tmp_path)
-    files = {p: p.stat().st_mtime_ns for p in Path(moved.out).iterdir()}
-    result = run_online(moved, progress=False, comm=type("Rank1", (Comm,), {"rank": 1, "world_size": 2})())
-    assert result.error_after_trigger == reference.error_after_trigger
-    assert {p: p.stat().st_mtime_ns for p in Path(moved.out).iterdir()} == files  # no result.json, nothing rewritten

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdisc.checks import check_batch, describe
+from memdisc.runtime.distributed import LOCAL, Comm
+from memdisc.training.victim import trainable_parameters
 
 PGD_ITERS = 10
 """Default correction steps per batch of DSC and AT (the seed's)."""
@@ -89,13 +91,13 @@ class Defense:
         memory format); ``correct`` does it lazily otherwise."""
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   step: int) -> tuple[torch.Tensor, BatchReport]:
+                   step: int, comm: Comm = LOCAL) -> tuple[torch.Tensor, BatchReport]:
         """Correct the batch, then one SGD step on it (:meth:`train_on` with the report).  Returns (loss, report)."""
         x_train, report = self.correct(model, x, y, step)
-        return self.train_on(model, optimizer, x_train, y, report), report
+        return self.train_on(model, optimizer, x_train, y, report, comm=comm), report
 
     def train_on(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_train: torch.Tensor,
-                 y: torch.Tensor, report: BatchReport | None = None) -> torch.Tensor:
+                 y: torch.Tensor, report: BatchReport | None = None, comm: Comm = LOCAL) -> torch.Tensor:
         """One SGD step on ``x_train`` ([B, ...], the batch ``correct`` returned; y [B]), model in train
         mode, gradients through :meth:`clip_gradients`.  Returns the detached loss.
 
@@ -108,25 +110,39 @@ class Defense:
         Only the kept rows are forwarded (BatchNorm's batch and running statistics see only them).
         When that denominator is 0 (nothing kept, or every kept weight 0) no step is taken: the
         model, its mode, the gradients and the optimizer's state stay as they are, and the returned
-        loss is NaN (an empty weighted mean)."""
+        loss is NaN (an empty weighted mean).
+
+        Over several processes (``comm``; each holds its shard of the global batch) the sums run over
+        every rank's rows: this rank's loss is its share (its own sums over the global denominator),
+        the gradients are summed over ranks (:meth:`~memdisc.runtime.distributed.Comm.sync_gradients`)
+        before clipping, rank 0's buffers are kept, and the step is skipped on every rank when the global
+        denominator is 0.  The returned loss is then this rank's share."""
         keep = None if report is None else report.keep
         weights = None if report is None else report.weights
         if keep is None and weights is None:
+            count = torch.tensor(float(y.shape[0]), device=y.device)
+            share = count / comm.all_reduce_sum(count)
             model.train()
-            loss = F.cross_entropy(model(x_train), y)
+            loss = F.cross_entropy(model(x_train), y) * share if y.shape[0] else None
         else:
             rows, w = _kept_rows(keep, weights, y)
             total = w.sum()
-            if not bool(total > 0):
+            denominator = comm.all_reduce_sum(total)
+            if not bool(denominator > 0):
                 return torch.full((), float("nan"), device=y.device)
             model.train()
-            losses = F.cross_entropy(model(x_train[rows]), y[rows], reduction="none")
-            loss = (w.to(losses.dtype) * losses).sum() / total.to(losses.dtype)
+            loss = None
+            if bool(total > 0):
+                losses = F.cross_entropy(model(x_train[rows]), y[rows], reduction="none")
+                loss = (w.to(losses.dtype) * losses).sum() / total.to(losses.dtype) * (total / denominator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
+        comm.sync_gradients(trainable_parameters(model))
         self.clip_gradients(model)
         optimizer.step()
-        return loss.detach()
+        comm.sync_buffers(model)
+        return loss.detach() if loss is not None else torch.zeros((), device=y.device)
 
     def state_dict(self) -> dict:
         return {}

@@ -153,10 +153,11 @@ class DSC(Defense):
 
     def calibrate(self, model: nn.Module, step: int, batch_size: int) -> None:
         """Re-measure the calibrated threshold on the held-out clean data if it is due
-        (``batch_size``: the stream's, for the per-batch rule's resampled batch means)."""
+        (``batch_size``: this process's rows of the stream's batch; the per-batch rule's resampled
+        batch means are of the whole batch, the sum over processes)."""
         if self.schedule.needs_measurement(step):
             x, _ = self.heldout
-            batch = None if self.mode == "sample" else batch_size
+            batch = None if self.mode == "sample" else int(self.comm.all_reduce_sum(torch.tensor(batch_size)))
             self.schedule.update(step, self.scores(model, x), batch, self.generator, self.comm)
 
     def correct(self, model, x, y, step):
@@ -215,7 +216,7 @@ class DSC(Defense):
             logits, md = self._measure(model, xs)
             if md_received is None:
                 md_received = md
-            over = md > tau if self.mode == "sample" else (self.comm.all_reduce_mean(md.mean()) > tau).expand(B)
+            over = md > tau if self.mode == "sample" else (self.comm.row_mean(md) > tau).expand(B)
             active &= over
             if early_exit and not bool(active.any()):
                 break

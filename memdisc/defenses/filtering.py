@@ -108,11 +108,11 @@ class DetectorDefense(Defense):
             report.weights = torch.where(flagged, self.flagged_weight, 1.0).to(x.dtype)
         return x, report
 
-    def train_on(self, model, optimizer, x_train, y, report=None):
+    def train_on(self, model, optimizer, x_train, y, report=None, comm=LOCAL):
         if report is None:
             raise ValueError(f"report: {self.name} trains on the rows its report keeps or weights; pass the "
                              f"BatchReport correct() returned")
-        return super().train_on(model, optimizer, x_train, y, report)
+        return super().train_on(model, optimizer, x_train, y, report, comm)
 
     def state_dict(self) -> dict:
         return {"fitted": self._fitted, "detector": self.detector.state_dict(),

@@ -49,6 +49,12 @@ Departures from the notebook, and why:
   ``np.quantile(interpolation=)`` are gone) returning a float.
 * The base set's labels are checked but not kept: the notebook draws them and never uses them (the
   variance objective reads none).
+
+Under torchrun (``memdisc.runtime.distributed.process_comm``) the offset model's steps (a) and (c) are
+data-parallel: every rank draws the same batches, outliers and Vnets (the same seed; the Vnet is small),
+forwards its contiguous part of the rows of ``Q`` and of the pushed rows, with its loss scaled by its share
+of them, and the gradients are summed over ranks before each Adam step (DDP's average, through
+``Comm.sync_gradients``: a rank's part of the pushed rows may be empty); rank 0's buffers are kept.
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ from memdisc.detectors.base import Detector, register_detector
 from memdisc.detectors.model_outputs import check_labelled, features_of, logits_of
 from memdisc.detectors.outlyingness import adjusted_outlyingness
 from memdisc.detectors.thresholds import asset_threshold, check_scores
+from memdisc.runtime.distributed import Comm, process_comm
 from memdisc.training.victim import TransferVictim, trainable_parameters
 
 __all__ = ["ASSETDetector", "output_variance", "make_vnet", "fit_vnet", "offset_model"]
@@ -99,6 +106,19 @@ def fit_vnet(vnet: nn.Module, suspect: torch.Tensor, base: torch.Tensor, steps: 
             optimizer.step()
     with torch.no_grad():
         return vnet(suspect).view(-1)
+
+
+def _step(module: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, rows: torch.Tensor,
+          mean_loss, comm: Comm) -> None:
+    """One ``optimizer`` step on ``mean_loss(rows)`` (a mean over the given rows of the global batch ``rows``):
+    each rank's share ``mean_loss(its rows) * n_r / n``, gradients summed over ranks, rank 0's buffers kept."""
+    mine = comm.shard(rows)
+    optimizer.zero_grad()
+    if mine.numel():
+        (mean_loss(mine) * (mine.numel() / rows.numel())).backward()
+    comm.sync_gradients(parameters)
+    optimizer.step()
+    comm.sync_buffers(module)
 
 
 def offset_model(model: nn.Module, seed: int) -> nn.Module:
@@ -216,21 +236,19 @@ class ASSETDetector(Detector):
         flatten = torch.optim.Adam(parameters, lr=self.lr)
         push = torch.optim.Adam(parameters, lr=self.lr)
         n_base = x_base.shape[0]
+        comm = process_comm()
         offset.train()
         for _ in range(self.epochs):
             for rows in torch.randperm(x.shape[0]).to(x.device).split(self.batch_size):
                 drawn = torch.randperm(n_base)[:min(self.batch_size, n_base)].to(x.device)
-                flatten.zero_grad()
-                output_variance(offset(x_base[drawn])).backward()
-                flatten.step()
+                _step(offset, parameters, flatten, drawn, lambda mine: output_variance(offset(x_base[mine])), comm)
                 vnet = make_vnet(suspect.shape[1], self.vnet_hidden).to(x.device)
                 outlying = adjusted_outlyingness(fit_vnet(vnet, suspect[rows], base[drawn], self.vnet_steps,
                                                           self.vnet_lr)) > self.cutoff
                 pushed = rows[outlying]
                 if pushed.numel():
-                    push.zero_grad()
-                    (-F.cross_entropy(offset(x[pushed]), y[pushed])).backward()
-                    push.step()
+                    _step(offset, parameters, push, pushed, lambda mine: -F.cross_entropy(offset(x[mine]), y[mine]),
+                          comm)
         return offset
 
     def flag(self, scores: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,23 +1,43 @@
-"""The seam for running the online guard on several processes: one small communication object.
+"""Running one run on several processes: the communication object (:class:`Comm`) and the
+torch.distributed set-up under ``torchrun``.
 
-Four values must be global when the rows of a run are spread over processes (each process holding a
-shard of the stream's batch, of the held-out data and of the evaluation set):
+A run on W processes (ranks) keeps every model identical on every rank and spreads the rows of each
+*global* minibatch over them: rank r takes its contiguous part (:meth:`Comm.shard`, sizes differing by
+at most one), so the ranks together see exactly the batches a one-process run sees.  What must be
+global goes through one small object:
 
-* DSC's calibrated quantile (``ThresholdSchedule.update``): the quantile of the held-out MD
-  gathered from every process (``all_gather``);
-* the per-batch rule's batch-mean MD (``DSC._loop``): the mean over the whole batch
-  (``all_reduce_mean`` of the per-process means; equal shard sizes);
+* training: the gradients of a step (``DistributedDataParallel`` in the burn-in and
+  ``memdisc.training.fit``; :meth:`Comm.sync_gradients` in the online defences' step, whose kept rows
+  may leave a rank's shard empty), with each rank's loss scaled so that the sum over ranks is the
+  global batch's loss; BatchNorm normalises each rank's shard, and rank 0's buffers are kept;
+* DSC's calibrated quantile (``ThresholdSchedule.update``): the held-out MD of every rank
+  (``all_gather``);
+* the per-batch rule's batch-mean MD (``DSC._loop``): sums and counts over ranks (``row_mean``);
 * the test error (``memdisc.eval.classification.error_rate``): wrong predictions and samples
-  summed over processes (``all_reduce_sum``);
+  summed over ranks (``all_reduce_sum``);
 * the recorder (``RunRecord.record``): the scores of every row (``all_gather``).
 
-Only the writer (``is_writer``, rank 0) writes files.  :data:`LOCAL` is one process: every collective
-is the identity, so a single-process run computes exactly what it computed before the seam.
-:class:`TorchDistributedComm` is the same contract over an initialised ``torch.distributed`` group.
+Files: every file memdisc writes goes through ``memdisc.artifacts.atomic_write_bytes``; under
+torch.distributed every rank calls it at the same point of the program, rank 0 writes and the others
+wait for it (:func:`process_comm`), so a file one rank reads after that point exists for all.
+
+:data:`LOCAL` is one process: every collective is the identity, so a single-process run computes
+exactly what it computed before the seam.  :class:`TorchDistributedComm` is the same contract over an
+initialised ``torch.distributed`` group; :func:`init_distributed` starts it from torchrun's
+environment (gloo on CPU, NCCL on CUDA; collectives time out after ``MEMDISC_DIST_TIMEOUT`` seconds,
+default 600, so a rank that died makes the others fail instead of waiting for ever).
 """
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
+from torch import nn
+
+#: The environment variable of the collectives' timeout, in seconds.
+TIMEOUT_VARIABLE = "MEMDISC_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
 
 
 class Comm:
@@ -38,9 +58,28 @@ class Comm:
         """The elementwise sum of ``t`` over ranks (same shape on every rank)."""
         return t
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        """The elementwise mean of ``t`` over ranks (same shape on every rank)."""
+    def row_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of every rank's rows of ``t [n_r]``: ``sum_r sum(t_r) / sum_r n_r`` (a scalar)."""
+        return t.mean()
+
+    def barrier(self) -> None:
+        """Wait until every rank has called it."""
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` copied into ``t`` on every rank (in place); returns ``t``."""
         return t
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch ``t [N, ...]``: part ``rank`` of ``t.tensor_split(world_size)``
+        (contiguous, sizes ``ceil`` or ``floor`` of ``N / world_size``, earlier ranks the larger)."""
+        return t
+
+    def sync_gradients(self, params: list[nn.Parameter]) -> None:
+        """Replace every parameter's gradient by its sum over ranks (a missing one counts as zeros): with
+        each rank's loss scaled to its share of the global loss, the global batch's gradient."""
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) copied to every rank, as DDP does."""
 
 
 LOCAL = Comm()
@@ -75,5 +114,101 @@ class TorchDistributedComm(Comm):
         self._dist.all_reduce(out)
         return out
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce_sum(t) / self.world_size
+    def row_mean(self, t: torch.Tensor) -> torch.Tensor:
+        total, count = self.all_reduce_sum(torch.stack([t.sum(), torch.tensor(t.numel(), dtype=t.dtype,
+                                                                               device=t.device)]))
+        return total / count
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        self._dist.broadcast(t, src=0)
+        return t
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        return t.tensor_split(self.world_size)[self.rank]
+
+    def sync_gradients(self, params: list[nn.Parameter]) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        for buffer in module.buffers():
+            self.broadcast_(buffer)
+
+
+def check_shards(n: int, batch_size: int, world_size: int, name: str = "batch_size") -> None:
+    """Refuse minibatches of ``batch_size`` over ``n`` rows that would leave one of ``world_size`` ranks
+    without a row (ValueError naming the option ``name``)."""
+    last = n % batch_size
+    if world_size > 1 and (batch_size < world_size or 0 < last < world_size):
+        raise ValueError(f"{name}: {batch_size} over {n} training rows gives a minibatch of "
+                         f"{min(batch_size, last or batch_size)} rows, fewer than the {world_size} processes; "
+                         f"choose a batch size (and a last minibatch) of at least {world_size} rows")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun (or another launcher setting ``WORLD_SIZE``)
+    started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def timeout() -> datetime.timedelta:
+    """The collectives' timeout: ``MEMDISC_DIST_TIMEOUT`` seconds (default 600)."""
+    raw = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_VARIABLE}: expected a number of seconds > 0, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init_distributed(device: torch.device) -> tuple[Comm, torch.device]:
+    """The processes of this run and the device of this process.
+
+    Started by torchrun (``WORLD_SIZE`` > 1): the default process group is initialised from its
+    environment (``env://``), gloo for a CPU ``device`` and NCCL for CUDA, each rank on the GPU of its
+    ``LOCAL_RANK``, with :func:`timeout`; returns a :class:`TorchDistributedComm`.  Otherwise (or when a
+    group is already initialised: the caller's) :data:`LOCAL` or the existing group, and ``device``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchDistributedComm(), device
+    if not launched_by_torchrun():
+        return LOCAL, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout())
+    return TorchDistributedComm(), device
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group, when one is initialised (the end of a command)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def process_comm() -> Comm:
+    """The processes this process belongs to: the initialised ``torch.distributed`` group, else :data:`LOCAL`."""
+    import torch.distributed as dist
+
+    return TorchDistributedComm() if dist.is_available() and dist.is_initialized() else LOCAL
+
+
+def data_parallel(model: nn.Module, comm: Comm) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` over ``comm``'s group (the model itself on one
+    process).  Its forward and backward average the gradients over ranks."""
+    if comm.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

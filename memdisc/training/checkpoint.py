@@ -4,7 +4,9 @@ One file holds the run's configuration, the state of every stateful component (m
 defence, snapshot ring, attack; ``None`` for an absent attack) and the :class:`RunRecord` so far.
 :func:`save_state` writes it atomically; :func:`load_state` restores the components in place and
 returns the record, or ``None`` when there is no file (a fresh run).  (Burn-in checkpoints are
-``memdisc.artifacts`` model files, written by ``memdisc.training.supervised``.)"""
+``memdisc.artifacts`` model files, written by ``memdisc.training.supervised``.)  The file also records
+the number of processes of the run (``processes``; 1 in files written before it was recorded): a
+run spread over several resumes only on as many."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,27 +21,32 @@ from memdisc.eval.recorder import RunRecord
 
 #: The stateful components, in the order they are saved and restored.
 COMPONENTS = ("model", "optimizer", "defense", "snapshots", "attack")
-STATE_KEYS = {"config", *COMPONENTS, "progress"}
+STATE_KEYS = {"config", *COMPONENTS, "progress", "processes"}
 
 
-def save_state(path: Path, cfg: Any, components: dict[str, Any], record: RunRecord) -> None:
+def save_state(path: Path, cfg: Any, components: dict[str, Any], record: RunRecord, processes: int = 1) -> None:
     """Write ``path``: ``cfg`` (a config dataclass), each component's ``state_dict()`` (None for an
-    absent one) and the record."""
-    atomic_torch_save({"config": to_dict(cfg),
+    absent one), the record and the number of processes of the run."""
+    atomic_torch_save({"config": to_dict(cfg), "processes": processes,
                        **{name: components[name].state_dict() if components[name] is not None else None
                           for name in COMPONENTS},
                        "progress": dataclasses.asdict(record)}, path)
 
 
-def load_state(path: Path, cfg: Any, components: dict[str, Any], device: torch.device) -> RunRecord | None:
+def load_state(path: Path, cfg: Any, components: dict[str, Any], device: torch.device,
+               processes: int = 1) -> RunRecord | None:
     """Restore the components from ``path`` and return its record; None when ``path`` does not exist.
-    ValueError naming the file for a file memdisc did not write or one of another configuration."""
+    ValueError naming the file for a file memdisc did not write, one of another configuration or one
+    written by a run on another number of processes than ``processes``."""
     if not path.exists():
         return None
     remedy = "delete it to restart this online run from step 0"
     state = load_torch_file(path, remedy, device)
-    if not isinstance(state, dict) or set(state) != STATE_KEYS:
+    if not isinstance(state, dict) or not STATE_KEYS - {"processes"} <= set(state) <= STATE_KEYS:
         raise ValueError(f"{path}: not the online state memdisc writes; {remedy}")
+    if state.get("processes", 1) != processes:
+        raise ValueError(f"{path}: written by a run on {state.get('processes', 1)} process(es), resumed on "
+                         f"{processes}; resume with the same number (torchrun --nproc-per-node) or {remedy}")
     if comparable(type(cfg), state["config"]) != comparable(type(cfg), to_dict(cfg)):
         raise ValueError(f"{path}: a run with another configuration; use another --out")
     for name in COMPONENTS:

@@ -17,6 +17,12 @@ validation loss ``L_val = sum_i CE(f(x_i), y_i) / N_val`` (eval mode) is measure
 after ``patience`` epochs without a lower one, and the model ends with the parameters and buffers of
 the epoch of lowest ``L_val`` (:class:`TrainingLog`).  A stream (:func:`train_streaming`) takes the
 same steps without early stopping: every epoch runs and the model ends as the last one left it.
+
+Under torchrun (``comm``, default: this process's group, ``memdisc.runtime.distributed.process_comm``)
+the trainable module trains as ``DistributedDataParallel``: every rank draws the same order and takes its
+contiguous part of each minibatch, its loss scaled by ``W n_r / B`` so that DDP's gradient average is the
+minibatch's mean-loss gradient; ``L_val``, the validation error and the training loss are sums over the
+ranks' parts, so every rank takes the same early-stopping decisions and ends with the same weights.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, check_seed, field
 from memdisc.eval.classification import eval_mode
 from memdisc.models import classifier_head
+from memdisc.runtime.distributed import Comm, check_shards, data_parallel, process_comm
 from memdisc.training.victim import TransferVictim, trainable_parameters
 
 __all__ = ["FitConfig", "TrainingLog", "EpochHook", "train_end_to_end", "train_transfer", "train_streaming"]
@@ -110,16 +117,19 @@ def _check_options(name: str, net: nn.Module, cfg, progress) -> FitConfig:
 
 @torch.no_grad()
 def _validate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-              device: torch.device) -> tuple[float, float]:
-    """``(L_val, top-1 error)`` of ``net`` in eval mode (restored afterwards)."""
+              device: torch.device, comm: Comm) -> tuple[float, float]:
+    """``(L_val, top-1 error)`` of ``net`` in eval mode (restored afterwards) on every rank's part of
+    ``x [N, ...]``: sums over ranks divided by N."""
     loss, wrong = torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device)
+    n = x.shape[0]
+    x, y = comm.shard(x), comm.shard(y)
     with eval_mode(net):
         for i in range(0, x.shape[0], batch_size):
             yb = y[i:i + batch_size].to(device)
             logits = net(x[i:i + batch_size].to(device))
             loss += F.cross_entropy(logits, yb, reduction="sum")
             wrong += (logits.argmax(1) != yb).sum()
-    return loss.item() / x.shape[0], wrong.item() / x.shape[0]
+    return comm.all_reduce_sum(loss).item() / n, comm.all_reduce_sum(wrong).item() / n
 
 
 EpochHook = Callable[[int], None]
@@ -129,11 +139,15 @@ left it (before the best epoch's weights are restored at the end); e.g. to keep 
 
 def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
          cfg: FitConfig, desc: str, progress: bool, early_stopping: bool = True,
-         on_epoch: EpochHook | None = None) -> TrainingLog:
+         on_epoch: EpochHook | None = None, comm: Comm | None = None) -> TrainingLog:
     """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``; without
     ``early_stopping`` every epoch runs and ``net`` ends with the last epoch's weights."""
+    comm = process_comm() if comm is None else comm
+    check_shards(x.shape[0], cfg.batch_size, comm.world_size)
     params = trainable_parameters(net)
     device = params[0].device
+    trainer = data_parallel(net, comm)
+    progress = progress and comm.is_writer
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     log = {"train_loss": [], "val_loss": [], "val_error": []}
@@ -142,19 +156,20 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
         torch.manual_seed(cfg.seed)
         bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
         for epoch in bar:
-            net.train()
+            trainer.train()
             order = torch.randperm(x.shape[0], generator=order_gen)
             total = torch.zeros((), device=device)
             for start in range(0, x.shape[0], cfg.batch_size):
                 index = order[start:start + cfg.batch_size]
-                yb = y[index].to(device, non_blocking=True)
-                loss = F.cross_entropy(net(x[index].to(device, non_blocking=True)), yb)
+                rows = comm.shard(index)
+                yb = y[rows].to(device, non_blocking=True)
+                loss = F.cross_entropy(trainer(x[rows].to(device, non_blocking=True)), yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * (comm.world_size * rows.numel() / index.numel())).backward()
                 opt.step()
                 total += loss.detach() * yb.shape[0]
-            val_loss, val_error = _validate(net, x_val, y_val, cfg.batch_size, device)
-            for key, value in zip(log, (total.item() / x.shape[0], val_loss, val_error)):
+            val_loss, val_error = _validate(net, x_val, y_val, cfg.batch_size, device, comm)
+            for key, value in zip(log, (comm.all_reduce_sum(total).item() / x.shape[0], val_loss, val_error)):
                 log[key].append(value)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", val_error=f"{val_error:.4f}")
             if on_epoch is not None:
@@ -173,7 +188,7 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
 
 def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                      y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False,
-                     on_epoch: EpochHook | None = None) -> TrainingLog:
+                     on_epoch: EpochHook | None = None, comm: Comm | None = None) -> TrainingLog:
     """Train ``model`` (every trainable parameter; a model of :mod:`memdisc.models`) on the images, in place.
 
     Args:
@@ -182,7 +197,8 @@ def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
             device (any device: minibatches move to the model's).  x_val, y_val: the same for the
             validation set (early stopping).
         cfg: the options (default ``FitConfig()``); progress: a bar over the epochs; on_epoch: called
-            after each epoch (:data:`EpochHook`).
+            after each epoch (:data:`EpochHook`); comm: the processes (module docstring; default: this
+            process's group).
     Returns:
         the :class:`TrainingLog`.
     Raises:
@@ -191,7 +207,7 @@ def train_end_to_end(model: nn.Module, x_train: torch.Tensor, y_train: torch.Ten
     """
     _check_data("model", classifier_head(model), x_train, y_train, x_val, y_val)
     cfg = _check_options("model", model, cfg, progress)
-    return _fit(model, x_train, y_train, x_val, y_val, cfg, "end-to-end", progress, on_epoch=on_epoch)
+    return _fit(model, x_train, y_train, x_val, y_val, cfg, "end-to-end", progress, on_epoch=on_epoch, comm=comm)
 
 
 @torch.no_grad()
@@ -202,7 +218,7 @@ def _features(victim: TransferVictim, x: torch.Tensor, batch_size: int, device: 
 
 def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
                    y_val: torch.Tensor, cfg: FitConfig | None = None, *, progress: bool = False,
-                   on_epoch: EpochHook | None = None) -> TrainingLog:
+                   on_epoch: EpochHook | None = None, comm: Comm | None = None) -> TrainingLog:
     """Train a transfer victim's head on its frozen backbone's features, in place.
 
     The backbone is frozen and in eval mode and the images are not augmented, so each sample's
@@ -224,11 +240,12 @@ def train_transfer(victim: TransferVictim, x_train: torch.Tensor, y_train: torch
     device = victim.head.weight.device
     z_train, z_val = (_features(victim, x, cfg.batch_size, device) for x in (x_train, x_val))
     return _fit(victim.head, z_train, y_train.to(device), z_val, y_val.to(device), cfg, "transfer", progress,
-                on_epoch=on_epoch)
+                on_epoch=on_epoch, comm=comm)
 
 
 def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-                    y_val: torch.Tensor, cfg: FitConfig, *, progress: bool = False) -> TrainingLog:
+                    y_val: torch.Tensor, cfg: FitConfig, *, progress: bool = False,
+                    comm: Comm | None = None) -> TrainingLog:
     """Train ``model`` on the training set as a stream, in place: the online setting of the study.
 
     The seed (changhongyan123/poisoning, ``train.py``) fits the shuffled poisoned set with batch
@@ -254,4 +271,4 @@ def train_streaming(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tens
         raise ValueError(f"cfg: a stream has no early stopping (it never comes back to a sample); expected "
                          f"patience None, got {cfg.patience}")
     cfg = _check_options("model", model, cfg, progress)
-    return _fit(model, x_train, y_train, x_val, y_val, cfg, "stream", progress, early_stopping=False)
+    return _fit(model, x_train, y_train, x_val, y_val, cfg, "stream", progress, early_stopping=False, comm=comm)

@@ -24,6 +24,15 @@ Files in OUT: config.json, state.pt (resumable state, every ``checkpoint_every``
 result.json (every number) and attack_batch.png (``memdisc.pictures``: one online batch
 clean, as received, their difference, and what the defence trained on; the first batch the
 defence changed, or the first batch while it changed none).
+
+Several processes (torchrun; ``memdisc.runtime.distributed``): every rank draws the same stream batch
+and the attacker poisons all of it (the attack is the adversary's, not the guard's: it sees the whole
+batch, as in one process), then each rank keeps its contiguous shard of the received batch; MD, the
+correction and the defence's step run on the shard, with the global values through ``comm`` (the
+calibrated threshold, the batch-mean rule, the gradients, the test error on each rank's shard of the
+evaluation set, the recorder).  The held-out and evaluation sets are sharded the same way; snapshots
+and the attack use the model itself.  Rank 0 writes the files (the picture shows its shard); state.pt
+records the number of processes and resumes only on that number.
 """
 from __future__ import annotations
 
@@ -48,7 +57,7 @@ from memdisc.eval.result import RunResult
 from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
 from memdisc.runtime import Precision
 from memdisc.runtime.device import resolve_device
-from memdisc.runtime.distributed import LOCAL, Comm
+from memdisc.runtime.distributed import LOCAL, Comm, process_comm
 from memdisc.snapshots import SnapshotSet
 from memdisc.training.checkpoint import load_state, save_state
 from memdisc.training.supervised import snapshot_path
@@ -146,6 +155,12 @@ class OnlineRun:
     """Everything one online run needs, set up from a config (see module docstring)."""
 
     def __init__(self, cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL):
+        if cfg.cuda_graph and comm.world_size > 1:
+            raise OptionError("cuda_graph", f"a CUDA graph cannot hold the collectives of a run on {comm.world_size} "
+                                            "processes; run without it under torchrun")
+        if cfg.batch_size < comm.world_size:
+            raise OptionError("batch_size", f"{cfg.batch_size} rows cannot be shared by {comm.world_size} processes; "
+                                            f"expected at least {comm.world_size}")
         self.cfg = cfg
         self.device, self.comm = device, comm
         start = self._load_burnin_file(cfg.start_epoch)
@@ -156,13 +171,13 @@ class OnlineRun:
         heldout_idx, stream_idx = _split(len(train), [cfg.heldout_size], cfg.seed)
         val_idx, trig_idx, eval_idx = _split(len(test), [cfg.val_size, cfg.batch_size], cfg.seed + 1)
         dev = self.device
-        self.heldout = tuple(t.to(dev) for t in train.batch(heldout_idx))
+        self.heldout = tuple(comm.shard(t).to(dev) for t in train.batch(heldout_idx))
         augment = bcfg.get("augment", False) if cfg.augment is None else cfg.augment
         self.stream = BatchStream(train.subset(stream_idx), cfg.batch_size, cfg.seed, repeat_first=cfg.repeat_first,
                                   augment=augment, flip=mirror_ok(bcfg["dataset"]))
-        x_eval, y_eval = (t.to(dev) for t in test.batch(eval_idx))
-        self.eval_all = (x_eval, y_eval)
-        self.eval_step = (x_eval[:cfg.eval_size], y_eval[:cfg.eval_size])
+        x_eval, y_eval = test.batch(eval_idx)
+        self.eval_all = tuple(comm.shard(t).to(dev) for t in (x_eval, y_eval))
+        self.eval_step = tuple(comm.shard(t[:cfg.eval_size]).to(dev) for t in (x_eval, y_eval))
         self.trigger_clean = tuple(t.to(dev) for t in test.batch(trig_idx))
         self.model = model_from_file(start, dev)
         history = [model_from_file(self._load_burnin_file(e), dev) for e in cfg.history_epochs]
@@ -217,13 +232,14 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
         received = attack.poison(model, x, y, progress.step)
     else:
         received = PoisonedBatch(x, y, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-    x_in, poisoned = received.x, received.poisoned
+    x, x_in, y_in, poisoned = (run.comm.shard(t) for t in (x, received.x, received.y, received.poisoned))
+    y = run.comm.shard(y)
     t1 = _clock(run.device)
     run.snapshots.observe(model)
-    md_in, md_clean = run.detector.score(model, x_in, received.y), run.detector.score(model, x, y)
+    md_in, md_clean = run.detector.score(model, x_in, y_in), run.detector.score(model, x, y)
     t2 = _clock(run.device)
-    x_train, report = run.defense.correct(model, x_in, received.y, progress.step)
-    run.defense.train_on(model, run.optimizer, x_train, received.y, report)
+    x_train, report = run.defense.correct(model, x_in, y_in, progress.step)
+    run.defense.train_on(model, run.optimizer, x_train, y_in, report, comm=run.comm)
     t3 = _clock(run.device)
     err = error_rate(model, *run.eval_step, comm=run.comm)
     timing["attack"] += t1 - t0
@@ -231,11 +247,10 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
     timing["defense"] += t3 - t2
     timing["eval"] += _clock(run.device) - t3
     # outside the timed phases: the first batch, replaced once by the first one the defence changed
-    corrected = bool(report.acted_on.any())
+    corrected = bool(run.comm.all_reduce_sum(report.acted_on.sum()) > 0)  # on any rank: the same branch on all
     if progress.picture is None or (corrected and not progress.picture["corrected"]):
         progress.picture = {"step": progress.step, "corrected": corrected,
-                            "written": run.comm.is_writer and _write_picture(run, progress.step, corrected, x, x_in,
-                                                                             x_train, poisoned)}
+                            "written": _write_picture(run, progress.step, corrected, x, x_in, x_train, poisoned)}
     progress.record(err, md_in, md_clean, poisoned, report, attacked=attack is not None, comm=run.comm)
     return err
 
@@ -263,13 +278,14 @@ def check_device(cfg: OnlineConfig, where: str = "") -> torch.device:
 
 
 def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | None = None,
-               comm: Comm = LOCAL) -> RunResult:
+               comm: Comm | None = None) -> RunResult:
     """Run (or resume, or return the finished result of) one online run; writes OUT/result.json.
 
     ``device``: the device an entry point above resolved and checked (default: :func:`check_device`
     of ``cfg`` here).  ``comm``: the processes the run is spread over (``memdisc.runtime.distributed``;
-    only the writer writes files)."""
+    default: this process's group; rank 0 writes the files)."""
     device = check_device(cfg) if device is None else device
+    comm = process_comm() if comm is None else comm
     result_path = Path(cfg.out) / "result.json"
     if result_path.exists():
         done = read_json(result_path, "delete it to finish this online run again", objects=("config",))
@@ -282,8 +298,7 @@ def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | 
     run, rec = start_online(cfg, device, comm)
     accumulate(run, rec, progress and comm.is_writer)
     result = trigger(run, rec)
-    if comm.is_writer:
-        write_json(result_path, result.to_json())
+    write_json(result_path, result.to_json())
     return result
 
 
@@ -292,16 +307,15 @@ def start_online(cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL) ->
     exists (``memdisc.training.checkpoint``), and OUT/config.json written."""
     out = Path(cfg.out)
     run = OnlineRun(cfg, device, comm)
-    rec = load_state(out / "state.pt", cfg, run.components(), device)
+    rec = load_state(out / "state.pt", cfg, run.components(), device, comm.world_size)
     if rec is None:
         if run.attack is not None:
             run.attack.prepare(run.model)
         rec = RunRecord()
-    if comm.is_writer:
-        remove_stale_temp_files(out)
-        # written only once the out dir is known to hold no run with another configuration
-        write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
-                                         "provenance": provenance(cfg.seed, device)})
+    remove_stale_temp_files(out)
+    # written only once the out dir is known to hold no run with another configuration
+    write_json(out / "config.json", {"command": "online", "config": to_dict(cfg),
+                                     "provenance": provenance(cfg.seed, device)})
     return run, rec
 
 
@@ -324,8 +338,8 @@ def accumulate(run: OnlineRun, rec: RunRecord, progress: bool = True) -> None:
                                f"{100 * run.stop_error:.2f}%")
         elif rec.step >= cfg.max_steps:
             rec.stop_reason = f"reached max_steps={cfg.max_steps}"
-        if run.comm.is_writer and (rec.stop_reason is not None or rec.step % cfg.checkpoint_every == 0):
-            save_state(Path(cfg.out) / "state.pt", cfg, run.components(), rec)
+        if rec.stop_reason is not None or rec.step % cfg.checkpoint_every == 0:
+            save_state(Path(cfg.out) / "state.pt", cfg, run.components(), rec, run.comm.world_size)
     bar.close()
 
 
@@ -336,10 +350,11 @@ def trigger(run: OnlineRun, rec: RunRecord) -> RunResult:
         group["momentum"] = cfg.momentum
     error_before = error_rate(model, *run.eval_all, comm=run.comm)
     t0 = _clock(run.device)
-    x_t, y_t = run.attack.trigger_batch(model) if run.attack is not None else run.trigger_clean
+    x_t, y_t = (run.comm.shard(t) for t in (run.attack.trigger_batch(model) if run.attack is not None
+                                            else run.trigger_clean))
     run.snapshots.observe(model)  # as in every step: the ring first, then the score
-    trigger_md = float(run.detector.score(model, x_t, y_t).mean())
-    run.defense.train_step(model, opt, x_t, y_t, rec.step)
+    trigger_md = float(run.comm.row_mean(run.detector.score(model, x_t, y_t)))
+    run.defense.train_step(model, opt, x_t, y_t, rec.step, comm=run.comm)
     trigger_seconds = _clock(run.device) - t0
     error_after = error_rate(model, *run.eval_all, comm=run.comm)
 

@@ -11,6 +11,12 @@ Run directory layout::
 Interrupting and re-running the same command resumes from ``checkpoint.pt``;
 on CPU the final weights equal those of an uninterrupted run (the data order of
 epoch e depends only on (seed, e)).
+
+Under torchrun (``memdisc.runtime.distributed``) the model trains as ``DistributedDataParallel``: every
+rank draws the same global minibatches and takes its contiguous part of each, with its loss scaled by
+``W n_r / B`` (W ranks, n_r of the batch's B rows here) so that DDP's gradient average is the global
+batch's mean-loss gradient; the test error is summed over the ranks' parts of the test set.  Rank 0
+writes the files; a checkpoint resumes only on the number of processes that wrote it.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
 from memdisc.eval.classification import error_rate
 from memdisc.models import MODELS, ZOO, build_model, check_zoo_options, load_weights
 from memdisc.runtime.device import resolve_device
+from memdisc.runtime.distributed import Comm, check_shards, data_parallel, process_comm
 
 
 @dataclasses.dataclass
@@ -106,13 +113,18 @@ def snapshot_path(out: str | Path, epoch: int) -> Path:
     return Path(out) / "snapshots" / f"epoch_{epoch:03d}.pt"
 
 
-def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | None = None) -> dict:
+def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | None = None,
+               comm: Comm | None = None) -> dict:
     """Train, evaluate every epoch, save snapshots; resume if ``cfg.out`` has a checkpoint.
 
     ``device``: the device an entry point above resolved (default: ``cfg.device`` resolved here).
+    ``comm``: the processes the run is spread over (module docstring; default: this process's group,
+    ``memdisc.runtime.distributed.process_comm``; progress from rank 0 only).
     Returns the history dict (also written to OUT/history.json).
     """
     device = resolve_device(cfg.device) if device is None else device
+    comm = process_comm() if comm is None else comm
+    progress = progress and comm.is_writer
     out = Path(cfg.out)
     train = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test = load_dataset(cfg.dataset, "test", cfg.data_dir)
@@ -120,7 +132,8 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         train = train.subset(torch.arange(min(cfg.train_subset, len(train))))
     if cfg.test_subset:
         test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
-    x_test, y_test = (t.to(device) for t in test.tensors())
+    check_shards(len(train), cfg.batch_size, comm.world_size)
+    x_test, y_test = (comm.shard(t).to(device) for t in test.tensors())
 
     spec = {"name": cfg.model, "in_channels": train.shape[0], "num_classes": train.num_classes,
             "image_size": train.shape[1], "norm": cfg.norm}
@@ -135,6 +148,7 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         if progress:
             print(loaded)
     model = model.to(device)
+    trainer = data_parallel(model, comm)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     start_epoch = 0
@@ -145,39 +159,45 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["extra"]["history"]
+        written_by = ckpt["extra"].get("processes", 1)
+        if written_by != comm.world_size:
+            raise ValueError(f"{ckpt_path}: written by a run on {written_by} process(es), resumed on "
+                             f"{comm.world_size}; resume with the same number (torchrun --nproc-per-node), or "
+                             "use a different --out")
         if start_epoch > cfg.epochs:
             raise ValueError(f"epochs: the run directory {out} already holds {start_epoch} epochs, more than the "
                              f"{cfg.epochs} asked for; use a different --out or --epochs >= {start_epoch}")
-        print(f"resuming {out} from epoch {start_epoch}")
+        if comm.is_writer:
+            print(f"resuming {out} from epoch {start_epoch}")
     remove_stale_temp_files(out, out / "snapshots")
     write_json(out / "config.json", {"command": "burnin", "config": to_dict(cfg), "provenance": provenance(cfg.seed, device)})
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        model.train()
-        total, count = torch.zeros((), device=device), 0
+        trainer.train()
+        total = torch.zeros((), device=device)
         n_batches = -(-len(train) // cfg.batch_size)
         bar = tqdm(iterate_minibatches(train, cfg.batch_size, gen, augment=cfg.augment, flip=mirror_ok(cfg.dataset)), total=n_batches,
                    desc=f"burn-in epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
                    mininterval=1.0)
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            rows = y.shape[0]
+            x, y = (comm.shard(t).to(device, non_blocking=True) for t in (x, y))
+            loss = F.cross_entropy(trainer(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * (comm.world_size * y.shape[0] / rows)).backward()
             opt.step()
             total += loss.detach() * y.shape[0]
-            count += y.shape[0]
-        err = error_rate(model, x_test, y_test)
-        record = {"epoch": epoch, "test_error": err, "train_loss": total.item() / max(1, count),
+        err = error_rate(model, x_test, y_test, comm=comm)
+        record = {"epoch": epoch, "test_error": err, "train_loss": comm.all_reduce_sum(total).item() / len(train),
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         if progress:
             print(f"epoch {epoch}: test error {100 * err:.2f}%  train loss {record['train_loss']:.4f}  "
                   f"({record['seconds']:.1f} s)")
         common = dict(model=model, model_spec=spec, epoch=epoch, test_error=err, config=to_dict(cfg),
-                      seed=cfg.seed, optimizer=opt, extra={"history": history})
+                      seed=cfg.seed, optimizer=opt, extra={"history": history, "processes": comm.world_size})
         if epoch % cfg.snapshot_every == 0 or epoch == cfg.epochs:
             save_model_file(snapshot_path(out, epoch), **common)
         save_model_file(ckpt_path, **common)

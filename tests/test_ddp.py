@@ -1,0 +1,212 @@
+"""One run on two processes (torchrun, gloo on the CPU) against the same run on one: a short burn-in and
+short online runs give the same decisions and, within float tolerance, the same numbers; a process
+killed mid-run makes the whole job fail, not hang, and the job then resumes; a checkpoint refuses
+another number of processes; a rank whose peer stops taking part fails within the collectives' timeout.
+
+Every run is a fresh interpreter on one torch thread per process, on the tiny Fashion-MNIST-format
+data of tests/conftest.py.  Tolerance: the ranks' partial sums (losses, gradients, counts) add up in
+another order than one process's sums, so floats agree to about 1e-6 relative per step; after a
+few dozen SGD steps the weights agree to ``ATOL`` and every recorded score and error to ``RTOL``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+ROOT = Path(__file__).resolve().parents[1]
+ATOL, RTOL = 1e-4, 1e-4
+BURNIN = ["burnin", "--device", "cpu", "--epochs", "2", "--batch-size", "64", "--snapshot-every", "1"]
+ONLINE = ["online", "--device", "cpu", "--history-epochs", "1", "--batch-size", "32", "--max-steps", "4",
+          "--stop-error", "1.0", "--checkpoint-every", "2", "--val-size", "32", "--heldout-size", "64"]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+                MEMDISC_DIST_TIMEOUT="60")
+
+
+def _command(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "memdisc.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "memdisc.cli", *args]
+
+
+def _run(nproc: int, args: list[str], cwd: Path, expect: int = 0) -> str:
+    done = subprocess.run(_command(nproc, args), cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _close(a, b, where: str = "") -> None:
+    """Same structure; equal strings, bools and ints; floats within RTOL / ATOL."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not (isinstance(b, float) and math.isnan(a) and math.isnan(b)):
+        assert b == pytest.approx(a, rel=RTOL, abs=ATOL), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def burnins(tiny_fashion_mnist, tmp_path_factory) -> dict[int, Path]:
+    """The same burn-in on one process and on two."""
+    root = tmp_path_factory.mktemp("ddp-burnin")
+    out = {}
+    for nproc in (1, 2):
+        out[nproc] = root / f"p{nproc}"
+        _run(nproc, [*BURNIN, "--data-dir", str(tiny_fashion_mnist), "--out", str(out[nproc])], root)
+    return out
+
+
+def test_a_burn_in_on_two_processes_equals_one(burnins):
+    one, two = (torch.load(burnins[n] / "checkpoint.pt", weights_only=False) for n in (1, 2))
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, atol=ATOL, rtol=RTOL, msg=key)
+    for a, b in zip(one["extra"]["history"], two["extra"]["history"], strict=True):
+        assert b["test_error"] == a["test_error"]  # the same predictions: errors are counts over 256 images
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=RTOL)
+    assert one["extra"]["processes"] == 1 and two["extra"]["processes"] == 2
+    config = json.loads((burnins[2] / "config.json").read_text())
+    assert config["provenance"]["processes"] == 2
+    assert not list(burnins[2].rglob(".*.tmp"))  # rank 1 wrote nothing, not even a temporary file
+
+
+@pytest.mark.parametrize("defense, extra", [
+    ("DSC-sample", []),
+    ("DSC-batch", []),
+    ("MD-reweight", ["--filter-quantile", "0.5"]),
+])
+def test_an_online_run_on_two_processes_makes_the_same_decisions(burnins, tmp_path, defense, extra):
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        _run(nproc, [*ONLINE, "--burnin", str(burnins[nproc]), "--defense", defense, *extra, "--out", str(out)],
+             tmp_path)
+        results[nproc] = json.loads((out / "result.json").read_text())
+    one, two = results[1], results[2]
+    # the decisions: how many rows the defence acted on at each step, how many steps, why it stopped
+    assert two["curve"]["corrected_fraction"] == one["curve"]["corrected_fraction"]
+    assert two["steps_run"] == one["steps_run"] and two["stop_reason"] == one["stop_reason"]
+    assert any(one["curve"]["corrected_fraction"]) or defense == "DSC-batch"  # not vacuous where it can act
+    for key in ("curve", "scores", "error_before_trigger", "error_after_trigger", "trigger_md"):
+        _close(one[key], two[key], key)
+    for rule in ("per_sample", "per_batch"):  # the ROC's steps may reorder at near-ties; its area may not move
+        _close(one["detection"][rule]["auroc"], two["detection"][rule]["auroc"], rule)
+    assert two["provenance"]["processes"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (torchrun's workers)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def test_a_killed_process_fails_the_job_which_then_resumes(tiny_fashion_mnist, tmp_path):
+    out = tmp_path / "run"
+    args = [*BURNIN[:3], "--epochs", "40", "--batch-size", "16", "--data-dir", str(tiny_fashion_mnist),
+            "--out", str(out)]
+    with open(tmp_path / "log.txt", "wb") as log:
+        job = subprocess.Popen(_command(2, args), cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "snapshots" / "epoch_002.pt").exists():
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.1)
+        workers = _children(job.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        started = time.monotonic()
+        assert job.wait(timeout=90) != 0  # the whole job fails ...
+        assert time.monotonic() - started < 90  # ... promptly, not at the collectives' timeout
+    finally:
+        if job.poll() is None:
+            job.kill()
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 2 <= saved < 40
+    # another number of processes is refused, naming the file and what to do
+    refused = _run(1, args, tmp_path, expect=2)
+    assert "written by a run on 2 process(es), resumed on 1" in refused and "checkpoint.pt" in refused
+    # the same command resumes (a short finish: the epochs asked for are the saved ones + 1)
+    finish = [a if a != "40" else str(saved + 1) for a in args]
+    assert f"resuming {out} from epoch {saved}" in _run(2, finish, tmp_path)
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, saved + 2))
+
+
+def _silent_peer(rank: int, port: int, out: str) -> None:
+    """Rank 0 waits at a barrier that rank 1 never reaches (rank 1 sleeps): rank 0 must fail."""
+    from memdisc.runtime.distributed import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), MEMDISC_DIST_TIMEOUT="3")
+    comm, _ = init_distributed(torch.device("cpu"))
+    if rank == 1:
+        time.sleep(20)
+        return
+    started = time.monotonic()
+    try:
+        comm.barrier()
+        outcome = "returned"
+    except RuntimeError as exc:
+        outcome = f"raised after {time.monotonic() - started:.1f} s: {exc}"
+    Path(out).write_text(outcome)
+    os._exit(0)  # leave at once: the group's teardown would wait for the sleeping peer
+
+
+def test_a_rank_whose_peer_stops_taking_part_fails_within_the_timeout(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_silent_peer, args=(port, str(tmp_path / "outcome")), nprocs=2, join=False,
+                                 start_method="spawn")
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "outcome").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        outcome = (tmp_path / "outcome").read_text()
+    finally:
+        for process in context.processes:
+            process.kill()
+    assert outcome.startswith("raised after"), outcome
+    assert float(outcome.split()[2]) < 15, outcome
+
+
+def test_the_timeout_variable_is_checked(monkeypatch):
+    from memdisc.runtime.distributed import timeout
+
+    monkeypatch.setenv("MEMDISC_DIST_TIMEOUT", "2.5")
+    assert timeout().total_seconds() == 2.5
+    for bad in ("0", "soon", "-1"):
+        monkeypatch.setenv("MEMDISC_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="MEMDISC_DIST_TIMEOUT: expected a number of seconds > 0"):
+            timeout()
