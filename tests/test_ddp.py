@@ -210,3 +210,46 @@ def test_the_timeout_variable_is_checked(monkeypatch):
         monkeypatch.setenv("MEMDISC_DIST_TIMEOUT", bad)
         with pytest.raises(ValueError, match="MEMDISC_DIST_TIMEOUT: expected a number of seconds > 0"):
             timeout()
+
+
+GRIDS = {
+    "study": ["study", "--device", "cpu", "--model", "cnn", "--attacks", "label-flip", "--settings",
+              "end-to-end,transfer", "--fractions", "0.25", "--repeats", "1", "--train-subset", "256", "--val-size",
+              "64", "--test-subset", "128", "--end-to-end-epochs", "2", "--transfer-epochs", "2"],
+    "detect": ["detect", "--device", "cpu", "--model", "cnn", "--attacks", "badnets", "--detectors", "asset,MD",
+               "--settings", "end-to-end,transfer", "--repeats", "1", "--train-subset", "200", "--val-size", "64",
+               "--test-subset", "128", "--base-per-class", "4", "--badnets-fraction", "0.1", "--md-snapshot-epochs",
+               "1", "--end-to-end-epochs", "3", "--transfer-epochs", "3"],
+}
+
+
+def _without_timings(value):
+    """A result with its timings and provenance left out (they differ from run to run)."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if k not in ("provenance", "timing") and not k.endswith("seconds")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(GRIDS))
+def test_a_grid_on_two_processes_equals_one(tiny_fashion_mnist, tmp_path, command):
+    """The cells' training (end-to-end, transfer, ASSET's offset model) as DDP: every number of every cell
+    within tolerance.  Detection: a ranking statistic may swap a near-tie (scores equal to ~1e-7), so AUROC
+    is compared to 2e-3 and the ROC's steps not at all."""
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        printed = _run(nproc, [*GRIDS[command], "--data-dir", str(tiny_fashion_mnist), "--out", str(out)], tmp_path)
+        assert printed.count("written: ") == 1  # rank 1's standard output is dropped
+        results[nproc] = _without_timings(json.loads((out / "results.json").read_text()))
+    one, two = results[1], results[2]
+    assert not one["failures"] and not two["failures"]
+    for a, b in zip(one["cells"], two["cells"], strict=True):
+        if command == "detect":
+            assert b["payload"]["detection"]["auroc"] == pytest.approx(a["payload"]["detection"]["auroc"], abs=2e-3)
+            for result in (a, b):
+                del result["payload"]["detection"]["roc"], result["payload"]["detection"]["auroc"]
+        _close(a, b, a["id"])
