@@ -7,6 +7,10 @@ Every run is a fresh interpreter on one torch thread per process, on the tiny Fa
 data of tests/conftest.py.  Tolerance: the ranks' partial sums (losses, gradients, counts) add up in
 another order than one process's sums, so floats agree to about 1e-6 relative per step; after a
 few dozen SGD steps the weights agree to ``ATOL`` and every recorded score and error to ``RTOL``.
+Both online runs start from the same (one-process) burn-in: an online run under attack is chaotic
+(sign-gradient steps of the attack and of the correction, a model being degraded), so it turns the
+~1e-5 by which two burn-ins differ (the same as between two instruction sets on one process) into
+other decisions a few steps later; the online phase itself is what these tests compare.
 """
 from __future__ import annotations
 
@@ -99,8 +103,7 @@ def test_an_online_run_on_two_processes_makes_the_same_decisions(burnins, tmp_pa
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"p{nproc}"
-        _run(nproc, [*ONLINE, "--burnin", str(burnins[nproc]), "--defense", defense, *extra, "--out", str(out)],
-             tmp_path)
+        _run(nproc, [*ONLINE, "--burnin", str(burnins[1]), "--defense", defense, *extra, "--out", str(out)], tmp_path)
         results[nproc] = json.loads((out / "result.json").read_text())
     one, two = results[1], results[2]
     # the decisions: how many rows the defence acted on at each step, how many steps, why it stopped
