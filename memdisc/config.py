@@ -152,10 +152,10 @@ def _fields(cls: type):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
-                         hidden: frozenset[str] = frozenset(), path: str = "") -> None:
-    """Add ``--config FILE`` (top level only) and one flag per (nested) dataclass field,
-    except the fields named in ``hidden`` (dotted paths such as ``"burnin.seed"``)."""
-    if not prefix:
+                         hidden: frozenset[str] = frozenset(), path: str = "", config_file: bool = True) -> None:
+    """Add ``--config FILE`` (top level only, unless ``config_file`` is false) and one flag per (nested)
+    dataclass field, except the fields named in ``hidden`` (dotted paths such as ``"burnin.seed"``)."""
+    if not prefix and config_file:
         parser.add_argument("--config", type=Path, default=None,
                             help="TOML file with option values (flags override it)")
     for f, tp in _fields(cls):

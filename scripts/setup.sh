@@ -2,6 +2,7 @@
 # Install everything memdisc needs on a fresh Debian machine with Python 3.11.
 # Idempotent: a second run only rebuilds the extension if its sources changed.
 #   PYTHON=python3.11 bash scripts/setup.sh
+#   MEMDISC_EXTRAS=test,ray bash scripts/setup.sh    (the optional dependencies to install; default: test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,5 +23,5 @@ fi
 # Build requirements of the extension (the build runs without isolation, against this torch).
 $PY -m pip install -q setuptools wheel pybind11 ninja
 echo "[setup] building memdisc and its kernels"
-$PY -m pip install -q --no-build-isolation -e ".[test]"
+$PY -m pip install -q --no-build-isolation -e ".[${MEMDISC_EXTRAS:-test}]"
 $PY -m memdisc.cli info

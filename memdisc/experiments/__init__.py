@@ -1,8 +1,9 @@
 """Experiments: grids of runs over named axes and seeds, resumable, with one result schema.
 
 * ``grid.py``: :class:`Grid` (axes x seeds -> :class:`Cell`, each with a stable id and its own directory);
-* ``runner.py``: :func:`run_grid` (every cell through a cell function, resumable, failures reported by
-  id) and the executor seam (:func:`sequential`);
+* ``runner.py``: :func:`run_grid` (every cell through a cell function, resumable, failed cells retried
+  then reported by id) and the executor seam (:func:`sequential`); ``executors.py`` the other executors
+  (local worker processes, Ray) and ``ExecutorConfig``, the grid commands' ``--executor`` options;
 * ``results.py``: the one result schema, :class:`CellResult` (a cell's typed payload in an envelope),
   :class:`CellFailure` and :class:`GridResults` (the file of a whole grid);
 * ``compare.py``: ``memdisc compare`` as a preset of the grid; ``summary.py`` its summary over seeds;

@@ -44,6 +44,7 @@ from memdisc.eval.result import RunResult
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.report import write_report
 from memdisc.experiments.results import CellResult
+from memdisc.experiments.executors import LOCAL, ExecutorConfig
 from memdisc.experiments.runner import run_grid
 from memdisc.experiments.summary import summarize_seeds, summary_markdown
 from memdisc.models import MODELS
@@ -203,9 +204,12 @@ def run_online_cell(seeds: dict[int, CompareConfig], device: torch.device, progr
     return result
 
 
-def run_compare(cfg: CompareConfig, progress: bool = True) -> Comparison | dict[str, Any]:
-    """One comparison per seed (see the module docstring); returns the :class:`Comparison` (one seed)
-    or the summary over seeds (``--repeats``; :func:`memdisc.experiments.summary.summarize_seeds`).
+def run_compare(cfg: CompareConfig, progress: bool = True,
+                executor: ExecutorConfig = LOCAL) -> Comparison | dict[str, Any]:
+    """One comparison per seed (see the module docstring), its online runs where ``executor`` puts them
+    (:mod:`memdisc.experiments.executors`; the burn-in runs here, at the executor's thread count);
+    returns the :class:`Comparison` (one seed) or the summary over seeds (``--repeats``;
+    :func:`memdisc.experiments.summary.summarize_seeds`).
 
     Everything that can be checked is checked before any work or write (:func:`_check_start`);
     a failed run raises :class:`memdisc.experiments.runner.GridError` once every other run is done.
@@ -234,8 +238,9 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> Comparison | dict[
                                     {r.cell.axes["run"]: r.payload for r in results})
         _write_seed(per_seed[seed], Path(sub.out), progress)
 
-    run_grid(grid, functools.partial(run_online_cell, seeds, device, progress), prepare=prepare, finish=finish,
-             progress=progress)
+    with executor.start(device) as cells:
+        run_grid(grid, functools.partial(run_online_cell, seeds, device, progress), prepare=prepare,
+                 finish=finish, executor=cells, retries=executor.retry_limit, progress=progress)
     if cfg.repeats == 1:
         return per_seed[cfg.seed]
     summary = {**summarize_seeds(per_seed), "config": to_dict(cfg), "provenance": provenance(cfg.seed, device)}

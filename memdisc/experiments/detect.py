@@ -73,6 +73,7 @@ from memdisc.eval.classification import attack_success_rate, error_rate
 from memdisc.eval.detection import detection_summary
 from memdisc.experiments.detect_report import write_detect_report
 from memdisc.experiments.detect_result import DetectResult
+from memdisc.experiments.executors import LOCAL, ExecutorConfig, made_once
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.results import GridResults
 from memdisc.experiments.study import (SeededGrid, StudyRun, check_run_dir, refuse_shared_fields, run_and_report,
@@ -118,12 +119,13 @@ def _documented_args(cls: type) -> dict[str, str]:
     return out
 
 
-def _options_section(name: str, **grid_defaults: Any) -> type:
+def _options_section(name: str, qualname: str, **grid_defaults: Any) -> type:
     """A config dataclass of detector ``name``'s keyword options, their defaults and types read from its
     constructor (one place for each default; ``grid_defaults`` replace some for this grid, and the help
     says the detector's own), so that each is a TOML key ``[SECTION]`` and a flag; the seed is the
     grid's.  Its ``__post_init__`` builds the detector once, so a bad value is refused before any cell
-    runs, named by its key and flag."""
+    runs, named by its key and flag.  ``qualname``: the module-level name it is bound to, so that a
+    configuration pickles (a grid's cells go to worker processes and Ray with it)."""
     cls = DETECTORS[name]
     hints = typing.get_type_hints(cls.__init__)
     params = [p for p in inspect.signature(cls).parameters.values()
@@ -142,19 +144,20 @@ def _options_section(name: str, **grid_defaults: Any) -> type:
         own = "" if p.name not in grid_defaults else f"; the detector's own default: {p.default!r}"
         text = described.get(p.name, f"see {cls.__module__}").rstrip(".")
         return p.name, hints[p.name], field(grid_defaults.get(p.name, p.default), f"{name}: {text}{own}")
-    return dataclasses.make_dataclass(f"{cls.__name__}Options", [option(p) for p in params],
-                                      namespace={"__post_init__": check})
+    section = dataclasses.make_dataclass(qualname, [option(p) for p in params], namespace={"__post_init__": check})
+    section.__module__ = __name__
+    return section
 
 
 SUSPECT_FORMAT = "memdisc-suspect-1"
 
-AssetOptions = _options_section("asset", lr=1e-3, vnet_lr=1e-3, epochs=2)
+AssetOptions = _options_section("asset", "AssetOptions", lr=1e-3, vnet_lr=1e-3, epochs=2)
 """ASSET's options in the grid: the notebook's, but for the learning rates and 2 epochs (its 1e-4 were set for
 a ResNet-18's 8,192 features; on the cnn's 128 the Vnet barely learns in 100 steps and the offset model
 hardly moves: measured on tuning seeds apart from the reported ones, bench/detector_settings.py and
 bench/NOTES.md)."""
-SpectralOptions = _options_section("spectral")
-ClusteringOptions = _options_section("activation-clustering")
+SpectralOptions = _options_section("spectral", "SpectralOptions")
+ClusteringOptions = _options_section("activation-clustering", "ClusteringOptions")
 
 
 @dataclasses.dataclass
@@ -381,36 +384,39 @@ class DetectRun(StudyRun):
 
     def suspect(self, seed: int, attack: str, setting: str) -> Suspect:
         """The model trained in ``setting`` on the seed's ``attack`` set: read from its file, else trained,
-        measured and saved, with its snapshots: the copies after the epochs of ``md.snapshot_epochs``
-        *before* its best epoch (the weights it ends with; a copy at or after it is not a historical model
-        of the final one)."""
+        measured and saved (by one of the cells that run at once), with its snapshots: the copies after
+        the epochs of ``md.snapshot_epochs`` *before* its best epoch (the weights it ends with; a copy at or
+        after it is not a historical model of the final one)."""
         path = self.seed_dir(seed) / "suspects" / f"{attack}-{setting}.pt"
         victim, options = self._victim(setting, seed), self._suspect_options(seed, attack, setting)
-        if path.exists():
-            saved = load_torch_file(path, "delete it to train the suspect model again")
-            if not isinstance(saved, dict) or saved.get("format") != SUSPECT_FORMAT or saved.get("options") != options:
-                raise ValueError(f"{path}: not the {attack} suspect model of this grid's options; delete it to "
-                                 "train it again")
-            trained_module(victim).load_state_dict(saved["state"])
-            snapshots = []
-            for state in saved["snapshots"]:
-                snapshot = self._victim(setting, seed)
-                trained_module(snapshot).load_state_dict(state)
-                snapshots.append(frozen_copy(snapshot))
-            return Suspect(victim.eval(), snapshots, saved["snapshot_epochs"], saved["clean_error"], saved["asr"],
-                           saved["train_seconds"], saved["training"])
-        data = self.data[seed]
-        x, y = self.poisoned_set(seed, attack, self.cfg.fraction(attack)).apply(data.x_train, data.y_train)
-        self._say(f"    seed {seed}: training the suspect model ({attack}, {setting})")
-        model, snapshots, epochs, log, seconds = self._train(setting, seed, x, y, self.cfg.md.snapshot_epochs)
-        kept = [(s, e) for s, e in zip(snapshots, epochs) if e < log.best_epoch]
-        snapshots, epochs = [s for s, _ in kept], [e for _, e in kept]
-        error, asr = self._measure(model, seed, attack)
-        atomic_torch_save({"format": SUSPECT_FORMAT, "options": options, "state": trained_module(model).state_dict(),
-                           "snapshots": [trained_module(s).state_dict() for s in snapshots],
-                           "snapshot_epochs": epochs, "clean_error": error, "asr": asr, "train_seconds": seconds,
-                           "training": dataclasses.asdict(log), "provenance": provenance(seed, self.device)}, path)
-        return Suspect(model, snapshots, epochs, error, asr, seconds, dataclasses.asdict(log))
+        with made_once(path):  # cells running at once: one trains it, the others wait and read it
+            if path.exists():
+                saved = load_torch_file(path, "delete it to train the suspect model again")
+                if not isinstance(saved, dict) or saved.get("format") != SUSPECT_FORMAT \
+                        or saved.get("options") != options:
+                    raise ValueError(f"{path}: not the {attack} suspect model of this grid's options; delete it to "
+                                     "train it again")
+                trained_module(victim).load_state_dict(saved["state"])
+                snapshots = []
+                for state in saved["snapshots"]:
+                    snapshot = self._victim(setting, seed)
+                    trained_module(snapshot).load_state_dict(state)
+                    snapshots.append(frozen_copy(snapshot))
+                return Suspect(victim.eval(), snapshots, saved["snapshot_epochs"], saved["clean_error"], saved["asr"],
+                               saved["train_seconds"], saved["training"])
+            data = self.data[seed]
+            x, y = self.poisoned_set(seed, attack, self.cfg.fraction(attack)).apply(data.x_train, data.y_train)
+            self._say(f"    seed {seed}: training the suspect model ({attack}, {setting})")
+            model, snapshots, epochs, log, seconds = self._train(setting, seed, x, y, self.cfg.md.snapshot_epochs)
+            kept = [(s, e) for s, e in zip(snapshots, epochs) if e < log.best_epoch]
+            snapshots, epochs = [s for s, _ in kept], [e for _, e in kept]
+            error, asr = self._measure(model, seed, attack)
+            atomic_torch_save({"format": SUSPECT_FORMAT, "options": options,
+                               "state": trained_module(model).state_dict(),
+                               "snapshots": [trained_module(s).state_dict() for s in snapshots],
+                               "snapshot_epochs": epochs, "clean_error": error, "asr": asr, "train_seconds": seconds,
+                               "training": dataclasses.asdict(log), "provenance": provenance(seed, self.device)}, path)
+            return Suspect(model, snapshots, epochs, error, asr, seconds, dataclasses.asdict(log))
 
     def detector(self, name: str, seed: int, suspect: Suspect):
         """``DETECTORS[name]`` with its options: MD gets the suspect's snapshots, a seeded detector the seed."""
@@ -481,24 +487,27 @@ _RERUNNABLE = frozenset({"attacks", "settings", "detectors", "repeats", "device"
 """Options a run directory may be run again with: which cells, how many seeds, where."""
 
 
-def run_detect(cfg: DetectConfig, progress: bool = True) -> GridResults:
-    """Run (or resume) the grid ``cfg`` (module docstring); returns every cell's result.
+def run_detect(cfg: DetectConfig, progress: bool = True, executor: ExecutorConfig = LOCAL) -> GridResults:
+    """Run (or resume) the grid ``cfg`` (module docstring) with the cells where ``executor`` puts them
+    (:mod:`memdisc.experiments.executors`); returns every cell's result.
 
-    Checked before any work or write: the device, the run directory, the data files, the sizes and the
-    attacks' options against the first seed's rows.
+    Checked before any work or write: the device, the run directory (at the executor's thread count),
+    the data files, the sizes and the attacks' options against the first seed's rows.
     Then ``OUT/config.json``, the grid (``OUT/results.json``) and the report.  A failed cell raises
     :class:`memdisc.experiments.runner.GridError` once every other cell is done and the report of the
     finished cells is written.
     """
     device = resolve_device(cfg.device)
     grid = detect_grid(cfg)
-    check_run_dir(cfg, _RERUNNABLE, "detection grid")
-    check_dataset_files(cfg.dataset, cfg.data_dir)
-    run = DetectRun(cfg, device, progress)
-    run.load_splits()
-    run.prepare(cfg.seed)  # the attacks' options checked against the data before anything is written
-    remove_stale_temp_files(cfg.out, *(run.seed_dir(s) / sub for s in grid.seeds
-                                       for sub in ("", "poisons", "suspects")),
-                            *(grid.directory(c) for c in grid.cells()))
-    return run_and_report("detect", cfg, grid, run, device,
-                          lambda results: write_detect_report(results, cfg.out, grid.directory), progress)
+    with executor.start(device) as cells:
+        check_run_dir(cfg, _RERUNNABLE, "detection grid")
+        check_dataset_files(cfg.dataset, cfg.data_dir)
+        run = DetectRun(cfg, device, progress)
+        run.load_splits()
+        run.prepare(cfg.seed)  # the attacks' options checked against the data before anything is written
+        remove_stale_temp_files(cfg.out, *(run.seed_dir(s) / sub for s in grid.seeds
+                                           for sub in ("", "poisons", "suspects")),
+                                *(grid.directory(c) for c in grid.cells()))
+        return run_and_report("detect", cfg, grid, run, device,
+                              lambda results: write_detect_report(results, cfg.out, grid.directory), progress,
+                              cells, executor.retry_limit)

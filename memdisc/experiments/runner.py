@@ -1,5 +1,5 @@
 """The resumable grid runner: every cell of a :class:`~memdisc.experiments.grid.Grid` through one
-cell function, through an executor.
+cell function, through an executor, with retries.
 
 ``run_grid(grid, run_cell)`` calls ``run_cell(cell, directory) -> payload`` for every cell whose
 result file (``grid.result_path(cell)``) does not exist yet, seed by seed in the grid's order:
@@ -11,19 +11,24 @@ result file (``grid.result_path(cell)``) does not exist yet, seed by seed in the
 * ``prepare(seed)``, if given, runs once per seed before that seed's cells, finished or not (so it
   must itself resume: compare's burn-in returns the finished one); ``finish(seed, results)`` after
   them, when none of them failed (compare's per-seed report).  An exception there stops the grid;
-* a cell that raises does not stop the grid: it becomes a :class:`~memdisc.experiments.results.
-  CellFailure` with its id, printed on stderr at once (with ``progress`` off too), kept in the
-  results file, and raised at the end in a :class:`GridError` (a damaged result file is such a
-  failure too, naming the file); an interrupt (KeyboardInterrupt) stops the grid at once;
-* progress: one line per cell, ``[cell i/n] ID``, and ``finished earlier, read back`` for a finished one;
+* a cell that fails (raises, or its worker is lost) does not stop the grid: once the seed's other
+  cells have run it runs again, up to ``retries`` times (one line on stderr each time: the error
+  and the attempt), unless its result file exists by then (its worker was lost after it finished:
+  it is read back).  Then it becomes a :class:`~memdisc.experiments.results.CellFailure` with its
+  id, printed on stderr at once (with ``progress`` off too), kept in the results file, and raised
+  at the end in a :class:`GridError` (a damaged result file is such a failure too, naming the
+  file, and is not retried); an interrupt (KeyboardInterrupt) stops the grid at once;
+* progress: one line per cell run, ``[cell i/n] ID``, and ``finished earlier, read back`` for a
+  finished one;
 * every result, in cell order, goes to ``root / grid.results_file`` (unless that is None) and is returned.
 
 The executor seam: ``executor(task, cells)`` gets the pending cells of one seed at a time (after that
 seed's prerequisite), runs ``task(cell)`` for every one and yields each outcome (a ``CellResult``
-or a ``CellFailure``, which name their cell) in any order.  ``task``
-never raises for a cell's own error and pickles when ``run_cell`` does, so an executor may run
-it in other processes or on other machines that share the run directory (local processes and
-Ray come with issue 15); :func:`sequential`, the default, runs the cells here one by one.
+or a ``CellFailure``, which name their cell) in any order.  ``task`` never raises for a cell's own
+error and pickles when ``run_cell`` does, so an executor may run it in other processes or on other
+machines that share the run directory.  :func:`sequential`, the default, runs the cells here one by
+one; :mod:`memdisc.experiments.executors` has the others (local worker processes, Ray; issue 15) and
+:class:`~memdisc.experiments.executors.ExecutorConfig`, the options that pick one.
 """
 from __future__ import annotations
 
@@ -94,21 +99,25 @@ def _report(failure: CellFailure, where: str) -> None:
 
 def run_grid(grid: Grid, run_cell: Callable[[Cell, Path], Any], *, prepare: Callable[[int], None] | None = None,
              finish: Callable[[int, list[CellResult]], None] | None = None, executor: Executor = sequential,
-             progress: bool = True) -> list[CellResult]:
-    """Run every cell of ``grid`` not finished yet (see the module docstring); returns every cell's
-    result in cell order, or raises :class:`GridError` naming the cells that failed."""
+             retries: int = 0, progress: bool = True) -> list[CellResult]:
+    """Run every cell of ``grid`` not finished yet, a failed one up to ``retries`` more times (see the
+    module docstring); returns every cell's result in cell order, or raises :class:`GridError` naming
+    the cells that failed."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries: expected an integer >= 0, got {retries!r}")
     cells = grid.cells()
     positions = {cell.id: i for i, cell in enumerate(cells, 1)}
     task = CellTask(grid, run_cell, positions, progress)
     results: dict[str, CellResult] = {}
     failures: list[CellFailure] = []
-    for seed in grid.seeds:
-        mine = [cell for cell in cells if cell.seed == seed]
-        if prepare is not None:
-            prepare(seed)
+
+    def where(cell: Cell) -> str:
+        return f"[cell {positions[cell.id]}/{len(cells)}]"
+
+    def unfinished(candidates: list[Cell]) -> list[Cell]:
+        """The cells without a result file; the others read back (or failed, when damaged)."""
         pending = []
-        for cell in mine:
-            where = f"[cell {positions[cell.id]}/{len(cells)}]"
+        for cell in candidates:
             if not grid.result_path(cell).exists():
                 pending.append(cell)
                 continue
@@ -116,16 +125,30 @@ def run_grid(grid: Grid, run_cell: Callable[[Cell, Path], Any], *, prepare: Call
                 results[cell.id] = CellResult(grid.name, cell, read_payload(grid.payload, grid.result_path(cell)))
             except ValueError as exc:
                 failures.append(CellFailure.of(cell, exc))
-                _report(failures[-1], where)
+                _report(failures[-1], where(cell))
                 continue
             if progress:
-                print(f"{where} {cell.id}: finished earlier, read back", flush=True)
-        for outcome in executor(task, pending):
-            if isinstance(outcome, CellFailure):
-                failures.append(outcome)
-                _report(outcome, f"[cell {positions[outcome.cell.id]}/{len(cells)}]")
-            else:
-                results[outcome.cell.id] = outcome
+                print(f"{where(cell)} {cell.id}: finished earlier, read back", flush=True)
+        return pending
+
+    for seed in grid.seeds:
+        mine = [cell for cell in cells if cell.seed == seed]
+        if prepare is not None:
+            prepare(seed)
+        pending, attempt = unfinished(mine), 1
+        while pending:
+            again = []
+            for outcome in executor(task, pending):
+                if isinstance(outcome, CellResult):
+                    results[outcome.cell.id] = outcome
+                elif attempt <= retries:
+                    again.append(outcome.cell)
+                    print(f"{where(outcome.cell)} {outcome.cell.id} failed (attempt {attempt} of {retries + 1}), "
+                          f"will run again: {outcome.error}", file=sys.stderr, flush=True)
+                else:
+                    failures.append(outcome)
+                    _report(outcome, where(outcome.cell))
+            pending, attempt = unfinished(again), attempt + 1
         if finish is not None and all(cell.id in results for cell in mine):
             finish(seed, [results[cell.id] for cell in mine])
     ordered = [results[cell.id] for cell in cells if cell.id in results]

@@ -83,7 +83,8 @@ from memdisc.eval.probe import linear_probe_accuracy, penultimate_features
 from memdisc.eval.saliency import saliency_maps
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.results import GridResults
-from memdisc.experiments.runner import GridError, run_grid
+from memdisc.experiments.executors import LOCAL, ExecutorConfig, made_once
+from memdisc.experiments.runner import Executor, GridError, run_grid
 from memdisc.experiments.study_report import SaliencyFigure, SampleRow, write_study_report
 from memdisc.experiments.study_result import StudyResult
 from memdisc.models import MODELS, build_model
@@ -392,55 +393,58 @@ class StudyRun:
                                    train.num_classes)
 
     def backbone(self, seed: int) -> nn.Module:
-        """The seed's clean backbone: read from ``seed-S/backbone.pt``, else trained end to end and saved."""
+        """The seed's clean backbone: read from ``seed-S/backbone.pt``, else trained end to end and saved
+        (by one of the cells that run at once: :func:`~memdisc.experiments.executors.made_once`)."""
         if seed in self._backbones:
             return self._backbones[seed]
         path, data = self.seed_dir(seed) / "backbone.pt", self.data[seed]
-        if path.exists():
-            model = model_from_file(load_model_file(path, "delete it to train the backbone again"), self.device)
-        else:
-            self._say(f"    seed {seed}: training the clean backbone ({self.cfg.model}, {len(data.y_train)} rows)")
-            model = _fresh_model(self.cfg, data, seed, self.device)
-            log = train_end_to_end(model, data.x_train, data.y_train, data.x_val, data.y_val,
-                                   self.cfg.training("end-to-end", seed), progress=self.progress)
-            _, accuracy = loss_and_accuracy(model, data.x_test, data.y_test)
-            save_model_file(path, model=model, model_spec={"name": self.cfg.model, **data.model_spec},
-                            epoch=log.best_epoch, test_error=1.0 - accuracy, config=to_dict(self.cfg), seed=seed,
-                            extra={"training": dataclasses.asdict(log)})
+        with made_once(path):  # cells running at once: one trains it, the others wait and read it
+            if path.exists():
+                model = model_from_file(load_model_file(path, "delete it to train the backbone again"), self.device)
+            else:
+                self._say(f"    seed {seed}: training the clean backbone ({self.cfg.model}, {len(data.y_train)} rows)")
+                model = _fresh_model(self.cfg, data, seed, self.device)
+                log = train_end_to_end(model, data.x_train, data.y_train, data.x_val, data.y_val,
+                                       self.cfg.training("end-to-end", seed), progress=self.progress)
+                _, accuracy = loss_and_accuracy(model, data.x_test, data.y_test)
+                save_model_file(path, model=model, model_spec={"name": self.cfg.model, **data.model_spec},
+                                epoch=log.best_epoch, test_error=1.0 - accuracy, config=to_dict(self.cfg), seed=seed,
+                                extra={"training": dataclasses.asdict(log)})
         self._backbones[seed] = model.eval()
         return model
 
     def poisoned_set(self, seed: int, attack: str, fraction: float) -> PoisonedSet:
         """The rows ``attack`` replaces at ``fraction`` in the seed's training set: read from the seed's
-        poison file, else crafted (timed) and saved."""
+        poison file, else crafted (timed) and saved (by one of the cells that run at once)."""
         if attack == NO_ATTACK:
             empty = torch.zeros(0, dtype=torch.long)
             return PoisonedSet(empty, self.data[seed].x_train[:0].cpu(), empty, 0.0)
         path = self.poison_path(seed, attack, fraction)
         options = to_dict(self.cfg.attack_options(attack, fraction))
-        if path.exists():
-            saved = load_torch_file(path, "delete it to craft these poisons again")
-            if not isinstance(saved, dict) or saved.get("format") != POISONS_FORMAT or saved.get("attack") != attack \
-                    or saved.get("options") != options:
-                raise ValueError(f"{path}: not the {attack} poisons of this study (fraction {fraction}); delete it "
-                                 "to craft them again")
-            return PoisonedSet(saved["rows"], saved["x"], saved["y"], saved["craft_seconds"])
-        data = self.data[seed]
-        model = None if attack in self.blind_attacks else copy.deepcopy(self.backbone(seed))
-        start = time.perf_counter()
-        attacker = build_attack(attack, seed, self.cfg.attack_options(attack, fraction), num_classes=data.num_classes,
-                                x_val=data.x_val, y_val=data.y_val)
-        if model is not None:
-            attacker.prepare(model)
-        batch = attacker.poison(model, data.x_train, data.y_train, 0)
-        seconds = time.perf_counter() - start
-        rows = batch.poisoned.nonzero().flatten()
-        poisons = PoisonedSet(rows.cpu(), batch.x[rows].cpu(), batch.y[rows].cpu(), seconds)
-        atomic_torch_save({"format": POISONS_FORMAT, "attack": attack, "options": options, "seed": seed,
-                           "rows": poisons.rows, "x": poisons.x, "y": poisons.y, "craft_seconds": seconds,
-                           "provenance": provenance(seed, self.device)}, path)
-        self._say(f"    crafted {len(rows)} {attack} poisons in {seconds:.1f} s ({path})")
-        return poisons
+        with made_once(path):  # cells running at once: one crafts them, the others wait and read them
+            if path.exists():
+                saved = load_torch_file(path, "delete it to craft these poisons again")
+                if not isinstance(saved, dict) or saved.get("format") != POISONS_FORMAT \
+                        or saved.get("attack") != attack or saved.get("options") != options:
+                    raise ValueError(f"{path}: not the {attack} poisons of this study (fraction {fraction}); delete "
+                                     "it to craft them again")
+                return PoisonedSet(saved["rows"], saved["x"], saved["y"], saved["craft_seconds"])
+            data = self.data[seed]
+            model = None if attack in self.blind_attacks else copy.deepcopy(self.backbone(seed))
+            start = time.perf_counter()
+            attacker = build_attack(attack, seed, self.cfg.attack_options(attack, fraction),
+                                    num_classes=data.num_classes, x_val=data.x_val, y_val=data.y_val)
+            if model is not None:
+                attacker.prepare(model)
+            batch = attacker.poison(model, data.x_train, data.y_train, 0)
+            seconds = time.perf_counter() - start
+            rows = batch.poisoned.nonzero().flatten()
+            poisons = PoisonedSet(rows.cpu(), batch.x[rows].cpu(), batch.y[rows].cpu(), seconds)
+            atomic_torch_save({"format": POISONS_FORMAT, "attack": attack, "options": options, "seed": seed,
+                               "rows": poisons.rows, "x": poisons.x, "y": poisons.y, "craft_seconds": seconds,
+                               "provenance": provenance(seed, self.device)}, path)
+            self._say(f"    crafted {len(rows)} {attack} poisons in {seconds:.1f} s ({path})")
+            return poisons
 
     def _victim(self, setting: str, seed: int) -> nn.Module:
         if setting == "transfer":
@@ -540,40 +544,45 @@ def _pictures(run: StudyRun, grid: StudyGrid) -> tuple[list[SampleRow], Saliency
     return samples, SaliencyFigure(seed, data.x_test[rows].cpu(), data.y_test[rows].cpu(), maps)
 
 
-def run_study(cfg: StudyConfig, progress: bool = True) -> GridResults:
-    """Run (or resume) the study ``cfg`` (module docstring); returns every cell's result.
+def run_study(cfg: StudyConfig, progress: bool = True, executor: ExecutorConfig = LOCAL) -> GridResults:
+    """Run (or resume) the study ``cfg`` (module docstring) with the cells where ``executor`` puts them
+    (:mod:`memdisc.experiments.executors`); returns every cell's result.
 
-    Checked before any work or write: the device, the run directory (:func:`check_run_dir`), the data
-    files and the sizes.  Then ``OUT/config.json``, the grid (``OUT/results.json``) and the report
-    (:func:`memdisc.experiments.study_report.write_study_report`).  A failed cell raises
-    :class:`memdisc.experiments.runner.GridError` once every other cell is done and the report of the
-    finished cells is written.
+    Checked before any work or write: the device, the run directory (:func:`check_run_dir`, at the
+    executor's thread count), the data files and the sizes.  Then ``OUT/config.json``, the grid
+    (``OUT/results.json``) and the report (:func:`memdisc.experiments.study_report.write_study_report`).
+    A failed cell raises :class:`memdisc.experiments.runner.GridError` once every other cell is done
+    and the report of the finished cells is written.
     """
     device = resolve_device(cfg.device)
     grid = study_grid(cfg)
-    check_run_dir(cfg, _RERUNNABLE, "study")
-    check_dataset_files(cfg.dataset, cfg.data_dir)
-    run = StudyRun(cfg, device, progress)
-    run.load_splits()
-    remove_stale_temp_files(cfg.out, *(run.seed_dir(s) for s in grid.seeds),
-                            *(run.seed_dir(s) / "poisons" for s in grid.seeds),
-                            *(grid.directory(c) for c in grid.cells()))
-    return run_and_report("study", cfg, grid, run, device,
-                          lambda results: write_study_report(results, cfg.out, *_pictures(run, grid)), progress)
+    with executor.start(device) as cells:
+        check_run_dir(cfg, _RERUNNABLE, "study")
+        check_dataset_files(cfg.dataset, cfg.data_dir)
+        run = StudyRun(cfg, device, progress)
+        run.load_splits()
+        remove_stale_temp_files(cfg.out, *(run.seed_dir(s) for s in grid.seeds),
+                                *(run.seed_dir(s) / "poisons" for s in grid.seeds),
+                                *(grid.directory(c) for c in grid.cells()))
+        return run_and_report("study", cfg, grid, run, device,
+                              lambda results: write_study_report(results, cfg.out, *_pictures(run, grid)), progress,
+                              cells, executor.retry_limit)
 
 
 def run_and_report(command: str, cfg: Any, grid: Grid, run: StudyRun, device: torch.device,
-                   report: Callable[[GridResults], dict[str, Path]], progress: bool) -> GridResults:
+                   report: Callable[[GridResults], dict[str, Path]], progress: bool, executor: Executor,
+                   retries: int) -> GridResults:
     """What a grid command does once its checks passed: ``OUT/config.json`` (the configuration, the thread
-    count, provenance), every cell not finished (``run.prepare`` per seed, ``run`` per cell), then
-    ``report(results)`` (its files; ``OUT/results.md`` among them), also when cells failed, and then the
+    count, provenance), every cell not finished (``run.prepare`` per seed, ``run`` per cell, through
+    ``executor``, a failed one run up to ``retries`` more times), then ``report(results)`` (its files;
+    ``OUT/results.md`` among them), also when cells failed, and then the
     :class:`~memdisc.experiments.runner.GridError` of the failed cells."""
     write_json(Path(cfg.out) / "config.json", {"command": command, "config": to_dict(cfg),
                                                 "threads": torch.get_num_threads(),
                                                 "provenance": provenance(cfg.seed, device)})
     failure = None
     try:
-        run_grid(grid, run, prepare=run.prepare, progress=progress)
+        run_grid(grid, run, prepare=run.prepare, executor=executor, retries=retries, progress=progress)
     except GridError as exc:
         failure = exc
     results = GridResults.read(Path(cfg.out) / grid.results_file)
