@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 
 import memdisc
 from memdisc.cli import main
@@ -71,9 +72,10 @@ def calls(root: Path) -> list[str]:
 
 
 def score_where(cell: Cell, directory: Path) -> Score:
-    """``score``'s value, with the process and its thread count as the provenance."""
+    """``score``'s value, with the process, its torch threads and its BLAS threads as the provenance."""
     log_call(directory, cell.id)
-    return Score(score(cell, directory).value, {"pid": os.getpid(), "threads": torch.get_num_threads()})
+    blas = sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+    return Score(score(cell, directory).value, {"pid": os.getpid(), "threads": torch.get_num_threads(), "blas": blas})
 
 
 class CountedUnpickling:
@@ -187,6 +189,7 @@ def test_two_worker_processes_give_the_sequential_results_and_each_worker_gets_t
     # two seeds, two workers each: the task unpickled four times, not once per cell (eight)
     assert len(list((tmp_path / "pickles").iterdir())) == 4
     assert {r.payload.provenance["threads"] for r in parallel} == {expected_threads}
+    assert all(r.payload.provenance["blas"] == [expected_threads] for r in parallel)
     assert seen_threads == [expected_threads] and torch.get_num_threads() == 1  # restored after the grid
 
 

@@ -11,13 +11,14 @@ machines that directory must be on storage every node mounts at the same path.  
 running; :func:`~memdisc.experiments.runner.run_grid` retries failed cells (``--retries``), once
 every other cell of the seed has run, and never runs a cell whose result file exists.
 
-Thread count: a cell runs with :attr:`ExecutorConfig.threads` torch threads: this process's count
+Thread count: a cell runs with :attr:`ExecutorConfig.threads` torch threads (in a worker process or Ray
+task its BLAS and OpenMP pools too, as ``OMP_NUM_THREADS`` would set them): this process's count
 (``local``; also ``processes`` when ``OMP_NUM_THREADS`` is set, which torch's count follows), else
 ``max(1, cores // workers)`` (``processes``), the cell's CPUs rounded down, at least 1 (``ray``).
-While a grid runs, this process uses that count too, so what it computes
-itself (compare's burn-in) and the count a study records for its resume check are the cells'.  CPU
-results depend on the thread count in the last bits; everything else about the executor leaves a
-grid's results as they are.
+While a grid runs, this process's torch uses that count too, so what it computes itself (compare's
+burn-in) and the count a study records for its resume check are the cells'.  CPU results depend on
+the thread count in the last bits; everything else about the executor leaves a grid's results as
+they are.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from memdisc.config import OptionError, check_choice, check_int, check_number, field
 from memdisc.experiments.grid import Cell
@@ -196,11 +198,25 @@ def made_once(path: Path) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- local processes
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _use_threads(threads: int) -> None:
+    """This worker process at ``threads`` threads, as ``OMP_NUM_THREADS=threads`` would have started it:
+    torch's pool, the BLAS and OpenMP pools loaded already (numpy's, which scikit-learn's probe uses:
+    threadpoolctl) and those loaded later (the environment they read).  Two workers with a BLAS pool
+    of every core each would oversubscribe the machine."""
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
+
+
 def _serve(task: Callable[[Cell], Outcome], threads: int, conn: multiprocessing.connection.Connection) -> None:
     """A worker process: ``task`` came once, with the process; then cells in, outcomes out, until None.
     An interrupt is the parent's to handle (it stops its workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
+    _use_threads(threads)
     with contextlib.suppress(EOFError, BrokenPipeError):  # the parent went away
         while (cell := conn.recv()) is not None:
             conn.send(task(cell))
@@ -298,8 +314,8 @@ class ProcessExecutor:
 # ----------------------------------------------------------------------------- Ray
 
 def _run_in_ray(task: Callable[[Cell], Outcome], threads: int, cell: Cell) -> Outcome:
-    """One cell as a Ray task, at ``threads`` torch threads."""
-    torch.set_num_threads(threads)
+    """One cell as a Ray task, at ``threads`` threads (:func:`_use_threads`)."""
+    _use_threads(threads)
     return task(cell)
 
 
