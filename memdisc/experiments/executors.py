@@ -42,6 +42,7 @@ from memdisc.config import OptionError, check_choice, check_int, check_number, f
 from memdisc.experiments.grid import Cell
 from memdisc.experiments.results import CellFailure
 from memdisc.experiments.runner import Executor, Outcome, sequential
+from memdisc.runtime.distributed import process_comm
 
 EXECUTORS = ("local", "processes", "ray")
 
@@ -182,7 +183,12 @@ def made_once(path: Path) -> Iterator[None]:
     atomically).  The lock file goes when the block ends; one taken by a waiting cell by then is no
     longer the file's, which is harmless because every holder checks for ``path`` first.  Where the
     file system refuses locks (some network file systems), cells that run at once each make the file,
-    to the same content."""
+    to the same content.  Under torchrun no lock is taken: the ranks make the file together (their
+    training is collective, and rank 0 writes while the others wait: ``memdisc.runtime.distributed``);
+    a lock held by one rank would leave the others out of its collectives."""
+    if process_comm().world_size > 1:
+        yield
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(f".{path.name}.lock")
