@@ -9,6 +9,10 @@
 
 Every option can come from a TOML file (``--config``) or a flag; flags win.
 Each run writes its outputs and the configuration it used into one run directory.
+The grid commands (compare, study, detect) also take the flags of how their cells run
+(``--executor local|processes|ray``, ``--workers``, ``--retries``, ``--ray-address``,
+``--cell-cpus``, ``--cell-gpus``: :class:`memdisc.experiments.executors.ExecutorConfig`), flags only,
+not part of the run's configuration: a run directory resumes under any of them.
 A bad option or file is one line on stderr, ``memdisc COMMAND: error: ...`` naming the
 option or the file, and exit status 2.  Runs of a comparison that failed are one line
 naming each failed run's cell and error, after every other run finished, and exit status 1.
@@ -20,7 +24,10 @@ import json
 import sys
 from typing import Callable
 
-from memdisc.config import add_config_arguments, args_to_overrides, load_config
+from memdisc.config import add_config_arguments, args_to_overrides, build, load_config
+
+GRID_COMMANDS = ("compare", "study", "detect")
+"""The commands that run a grid of cells, and take the executor's flags."""
 
 def _burnin_config():
     from memdisc.training.supervised import BurninConfig
@@ -48,9 +55,9 @@ def _run_grid(command: str, run: Callable[[], object]) -> int:
     return 0
 
 
-def _run_compare(cfg) -> int:
+def _run_compare(cfg, executor) -> int:
     from memdisc.experiments.compare import run_compare
-    return _run_grid("compare", lambda: run_compare(cfg))
+    return _run_grid("compare", lambda: run_compare(cfg, executor=executor))
 
 
 def _study_config():
@@ -58,9 +65,9 @@ def _study_config():
     return StudyConfig
 
 
-def _run_study(cfg) -> int:
+def _run_study(cfg, executor) -> int:
     from memdisc.experiments.study import run_study
-    return _run_grid("study", lambda: run_study(cfg))
+    return _run_grid("study", lambda: run_study(cfg, executor=executor))
 
 
 def _detect_config():
@@ -68,24 +75,28 @@ def _detect_config():
     return DetectConfig
 
 
-def _run_detect(cfg) -> int:
+def _run_detect(cfg, executor) -> int:
     from memdisc.experiments.detect import run_detect
-    return _run_grid("detect", lambda: run_detect(cfg))
+    return _run_grid("detect", lambda: run_detect(cfg, executor=executor))
 
 
 def _run_online(cfg):
+    from memdisc.runtime.distributed import process_comm
     from memdisc.training.online import run_online
     r = run_online(cfg)
-    print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r.error_before_trigger:.2f}% -> "
-          f"{100 * r.error_after_trigger:.2f}% after the trigger; {r.steps_run} steps ({r.stop_reason}); "
-          f"result in {cfg.out}/result.json")
+    if process_comm().is_writer:
+        print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r.error_before_trigger:.2f}% "
+              f"-> {100 * r.error_after_trigger:.2f}% after the trigger; {r.steps_run} steps ({r.stop_reason}); "
+              f"result in {cfg.out}/result.json")
 
 
 def _run_burnin(cfg):
+    from memdisc.runtime.distributed import process_comm
     from memdisc.training.supervised import run_burnin
     result = run_burnin(cfg)
-    print(f"burn-in done: test error {100 * result['final_test_error']:.2f}% after "
-          f"{len(result['history'])} epochs; snapshots in {cfg.out}/snapshots")
+    if process_comm().is_writer:
+        print(f"burn-in done: test error {100 * result['final_test_error']:.2f}% after "
+              f"{len(result['history'])} epochs; snapshots in {cfg.out}/snapshots")
 
 
 def _info(_cfg):
@@ -98,6 +109,20 @@ def _info(_cfg):
     info["extension_build"] = extension_report()
     info["cuda_available"] = torch.cuda.is_available()
     print(json.dumps(info, indent=2))
+
+
+def _join_torchrun(cfg) -> None:
+    """Under torchrun, this process joins the run's process group (``memdisc.runtime.distributed``;
+    gloo on CPU, NCCL on CUDA, from the command's ``device`` option); the standard output of every
+    rank but 0 is dropped (they compute what rank 0 prints; their errors still reach stderr)."""
+    from memdisc.runtime.distributed import init_distributed, launched_by_torchrun
+    if launched_by_torchrun():
+        import os
+
+        from memdisc.runtime.device import resolve_device
+        comm, _ = init_distributed(resolve_device(cfg.device))
+        if not comm.is_writer:
+            sys.stdout = open(os.devnull, "w")
 
 
 def _one_line(exc: Exception) -> str:
@@ -121,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
             elif name == "detect":
                 from memdisc.experiments.detect import SHARED_FIELDS as hidden
             add_config_arguments(p, config_factory(), hidden=hidden)
+            if name in GRID_COMMANDS:
+                from memdisc.experiments.executors import ExecutorConfig
+                add_config_arguments(p.add_argument_group("how the cells run (flags only; not part of the run's "
+                                                          "configuration)"), ExecutorConfig, config_file=False)
     return parser
 
 
@@ -161,13 +190,22 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_detect_config(args.config, overrides)
             else:
                 cfg = load_config(cls, args.config, overrides)
-        status = fn(cfg)
+        if cfg is not None:
+            _join_torchrun(cfg)
+        if args.command in GRID_COMMANDS:
+            from memdisc.experiments.executors import ExecutorConfig
+            status = fn(cfg, build(ExecutorConfig, args_to_overrides(ExecutorConfig, args)))
+        else:
+            status = fn(cfg)
     except (ValueError, OSError) as exc:
         print(f"memdisc {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"memdisc {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        from memdisc.runtime.distributed import shutdown_distributed
+        shutdown_distributed()
     return status or 0
 
 
