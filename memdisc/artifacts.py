@@ -8,6 +8,7 @@ temporary file a kill leaves (``.NAME.XXXXXXXX.tmp``) is removed by
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -36,16 +37,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     Under torch.distributed (``memdisc.runtime.distributed``) every rank calls this at the same point:
     they all wait until each has arrived, rank 0 writes, and they wait again, so the file exists for
-    every rank afterwards and no rank checks for it while rank 0 writes it.
+    every rank afterwards and no rank checks for it while rank 0 writes it; when rank 0 cannot write it,
+    every rank raises an OSError.
     """
     path = Path(path)
     comm = process_comm()
     comm.barrier()
-    try:
-        if comm.is_writer:
+    error = None
+    if comm.is_writer:
+        try:
             _write_bytes(path, data)
-    finally:  # rank 0's failure must not leave the others waiting here
-        comm.barrier()
+        except OSError as exc:
+            error = exc
+    if comm.agree(error is not None):  # every rank raises when rank 0 could not write
+        raise error if error is not None else OSError(errno.EIO, "rank 0 could not write it (its error is on its stderr)", str(path))
     return path
 
 

@@ -81,22 +81,18 @@ def _run_detect(cfg, executor) -> int:
 
 
 def _run_online(cfg):
-    from memdisc.runtime.distributed import process_comm
     from memdisc.training.online import run_online
     r = run_online(cfg)
-    if process_comm().is_writer:
-        print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r.error_before_trigger:.2f}% "
-              f"-> {100 * r.error_after_trigger:.2f}% after the trigger; {r.steps_run} steps ({r.stop_reason}); "
-              f"result in {cfg.out}/result.json")
+    print(f"{cfg.defense}{' (control)' if cfg.control else ''}: error {100 * r.error_before_trigger:.2f}% -> "
+          f"{100 * r.error_after_trigger:.2f}% after the trigger; {r.steps_run} steps ({r.stop_reason}); "
+          f"result in {cfg.out}/result.json")
 
 
 def _run_burnin(cfg):
-    from memdisc.runtime.distributed import process_comm
     from memdisc.training.supervised import run_burnin
     result = run_burnin(cfg)
-    if process_comm().is_writer:
-        print(f"burn-in done: test error {100 * result['final_test_error']:.2f}% after "
-              f"{len(result['history'])} epochs; snapshots in {cfg.out}/snapshots")
+    print(f"burn-in done: test error {100 * result['final_test_error']:.2f}% after "
+          f"{len(result['history'])} epochs; snapshots in {cfg.out}/snapshots")
 
 
 def _info(_cfg):
@@ -123,6 +119,16 @@ def _join_torchrun(cfg) -> None:
         comm, _ = init_distributed(resolve_device(cfg.device))
         if not comm.is_writer:
             sys.stdout = open(os.devnull, "w")
+
+
+def _check_torchrun_executor(executor) -> None:
+    """Under torchrun a grid's cells run on the ranks together, one after another: only ``local``."""
+    from memdisc.config import OptionError
+    from memdisc.runtime.distributed import launched_by_torchrun
+    if launched_by_torchrun() and executor.executor != "local":
+        raise OptionError("--executor", f"under torchrun every process runs each cell together (one run spread "
+                                        f"over them); expected local, got {executor.executor!r} (start a grid's "
+                                        f"cells on workers or Ray without torchrun)")
 
 
 def _one_line(exc: Exception) -> str:
@@ -194,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             _join_torchrun(cfg)
         if args.command in GRID_COMMANDS:
             from memdisc.experiments.executors import ExecutorConfig
-            status = fn(cfg, build(ExecutorConfig, args_to_overrides(ExecutorConfig, args)))
+            executor = build(ExecutorConfig, args_to_overrides(ExecutorConfig, args))
+            _check_torchrun_executor(executor)
+            status = fn(cfg, executor)
         else:
             status = fn(cfg)
     except (ValueError, OSError) as exc:

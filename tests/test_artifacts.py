@@ -26,14 +26,19 @@ def _mode(path) -> int:
 
 
 class _Rank(Comm):
-    """A rank of a two-process run that records the barriers it is asked for."""
+    """A rank of a two-process run that records the barriers and agreements it is asked for; ``other_failed``:
+    what the other rank passes to ``agree``."""
     world_size = 2
 
-    def __init__(self, rank: int):
-        self.rank, self.barriers = rank, 0
+    def __init__(self, rank: int, other_failed: bool = False):
+        self.rank, self.other_failed, self.calls = rank, other_failed, []
 
     def barrier(self):
-        self.barriers += 1
+        self.calls.append("barrier")
+
+    def agree(self, failed):
+        self.calls.append("agree")
+        return failed or self.other_failed
 
 
 def test_under_torch_distributed_only_rank_0_writes_between_two_barriers(tmp_path, monkeypatch):
@@ -41,20 +46,25 @@ def test_under_torch_distributed_only_rank_0_writes_between_two_barriers(tmp_pat
         comm = _Rank(rank)
         monkeypatch.setattr(artifacts, "process_comm", lambda: comm)
         path = atomic_write_text(tmp_path / f"from-{rank}" / "a.txt", "hello")
-        assert path.exists() == (rank == 0) and comm.barriers == 2
+        assert path.exists() == (rank == 0) and comm.calls == ["barrier", "agree"]
     stale = tmp_path / ".b.txt.abcdefgh.tmp"
     stale.write_text("rank 0's write in progress")
     monkeypatch.setattr(artifacts, "process_comm", lambda: _Rank(1))
     assert remove_stale_temp_files(tmp_path) == [] and stale.exists()  # never another rank's temporary file
 
 
-def test_rank_0_s_failed_write_still_releases_the_others(tmp_path, monkeypatch):
+def test_rank_0_s_failed_write_fails_every_rank(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "a.txt"  # a file where a folder should be
     comm = _Rank(0)
     monkeypatch.setattr(artifacts, "process_comm", lambda: comm)
-    (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="cannot write it"):
-        atomic_write_text(tmp_path / "file" / "a.txt", "x")  # a file where a folder should be
-    assert comm.barriers == 2
+        atomic_write_text(target, "x")
+    assert comm.calls == ["barrier", "agree"]  # the others learn of it at the same point
+    monkeypatch.setattr(artifacts, "process_comm", lambda: _Rank(1, other_failed=True))
+    with pytest.raises(OSError, match="rank 0 could not write it") as raised:
+        atomic_write_text(target, "x")
+    assert raised.value.filename == str(target)
 
 
 def test_atomic_write_creates_parents_replaces_and_is_0644(tmp_path):

@@ -91,7 +91,7 @@ def test_a_burn_in_on_two_processes_equals_one(burnins):
     assert one["extra"]["processes"] == 1 and two["extra"]["processes"] == 2
     config = json.loads((burnins[2] / "config.json").read_text())
     assert config["provenance"]["processes"] == 2
-    assert not list(burnins[2].rglob(".*.tmp"))  # rank 1 wrote nothing, not even a temporary file
+    assert not list(burnins[2].rglob(".*.tmp"))  # no temporary file left behind
 
 
 @pytest.mark.parametrize("defense, extra", [
@@ -109,7 +109,7 @@ def test_an_online_run_on_two_processes_makes_the_same_decisions(burnins, tmp_pa
     # the decisions: how many rows the defence acted on at each step, how many steps, why it stopped
     assert two["curve"]["corrected_fraction"] == one["curve"]["corrected_fraction"]
     assert two["steps_run"] == one["steps_run"] and two["stop_reason"] == one["stop_reason"]
-    assert any(one["curve"]["corrected_fraction"]) or defense == "DSC-batch"  # not vacuous where it can act
+    assert any(one["curve"]["corrected_fraction"])  # not vacuous: the defence acted
     for key in ("curve", "scores", "error_before_trigger", "error_after_trigger", "trigger_md"):
         _close(one[key], two[key], key)
     for rule in ("per_sample", "per_batch"):  # the ROC's steps may reorder at near-ties; its area may not move
@@ -135,18 +135,17 @@ def test_a_killed_process_fails_the_job_which_then_resumes(tiny_fashion_mnist, t
     args = [*BURNIN[:3], "--epochs", "40", "--batch-size", "16", "--data-dir", str(tiny_fashion_mnist),
             "--out", str(out)]
     with open(tmp_path / "log.txt", "wb") as log:
-        job = subprocess.Popen(_command(2, args), cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(_command(2, args), cwd=tmp_path, env=_env() | {"MEMDISC_DIST_TIMEOUT": "600"},
+                               stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "snapshots" / "epoch_002.pt").exists():
+        while not (out / "snapshots" / "epoch_003.pt").exists():  # so checkpoint.pt holds epoch 2 or later
             assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
             time.sleep(0.1)
         workers = _children(job.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
-        started = time.monotonic()
-        assert job.wait(timeout=90) != 0  # the whole job fails ...
-        assert time.monotonic() - started < 90  # ... promptly, not at the collectives' timeout
+        assert job.wait(timeout=60) != 0  # the whole job fails, long before the collectives' 600 s timeout
     finally:
         if job.poll() is None:
             job.kill()
@@ -160,6 +159,7 @@ def test_a_killed_process_fails_the_job_which_then_resumes(tiny_fashion_mnist, t
     assert f"resuming {out} from epoch {saved}" in _run(2, finish, tmp_path)
     history = json.loads((out / "history.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(1, saved + 2))
+    _run(1, finish, tmp_path)  # a finished burn-in is read back on any number of processes
 
 
 def _silent_peer(rank: int, port: int, out: str) -> None:
@@ -209,7 +209,7 @@ def test_the_timeout_variable_is_checked(monkeypatch):
 
     monkeypatch.setenv("MEMDISC_DIST_TIMEOUT", "2.5")
     assert timeout().total_seconds() == 2.5
-    for bad in ("0", "soon", "-1"):
+    for bad in ("0", "soon", "-1", "inf", "nan"):
         monkeypatch.setenv("MEMDISC_DIST_TIMEOUT", bad)
         with pytest.raises(ValueError, match="MEMDISC_DIST_TIMEOUT: expected a number of seconds > 0"):
             timeout()
@@ -256,3 +256,60 @@ def test_a_grid_on_two_processes_equals_one(tiny_fashion_mnist, tmp_path, comman
             for result in (a, b):
                 del result["payload"]["detection"]["roc"], result["payload"]["detection"]["auroc"]
         _close(a, b, a["id"])
+
+
+class _DropoutNet(torch.nn.Module):
+    """A memdisc-shaped model (features, linear head) with dropout: its forwards draw from the global RNG."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 32), torch.nn.ReLU(),
+                                        torch.nn.Dropout(0.5))
+        self.head = torch.nn.Linear(32, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _two_ranks_train(rank: int, store: str, out: str) -> None:
+    """Each rank: a BatchNorm cnn trained end to end and ASSET on a dropout model (batches of 33 rows: unequal
+    shards), over two gloo ranks; what each rank ends with goes to ``out.RANK``."""
+    import torch.distributed as dist
+
+    from memdisc.detectors.asset import ASSETDetector
+    from memdisc.models import build_model
+    from memdisc.training.fit import FitConfig, train_end_to_end
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(99, 1, 28, 28, generator=g), torch.randint(0, 10, (99,), generator=g)
+        torch.manual_seed(0)
+        net = build_model("cnn", in_channels=1, num_classes=10, image_size=28, norm="bn")
+        train_end_to_end(net, x[:66], y[:66], x[66:], y[66:], FitConfig(epochs=2, batch_size=33))
+        torch.manual_seed(1)
+        asset = ASSETDetector(epochs=2, batch_size=33, vnet_steps=3, lr=1e-2, seed=0)
+        asset.fit(_DropoutNet(), x[66:], y[66:])
+        scores = asset.score(_DropoutNet(), x[:66], y[:66])
+        torch.save({"state": net.state_dict(), "scores": scores}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_end_with_the_same_batchnorm_buffers_and_asset_with_dropout_does_not_part_them(tmp_path):
+    """BatchNorm's running statistics come from each rank's shard and dropout draws per row of the shard:
+    rank 0's buffers and random state are copied to the others (else the ranks' models and ASSET's later
+    draws, hence its collectives, part ways)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    mp.spawn(_two_ranks_train, args=(str(tmp_path / "store"), out), nprocs=2)
+    zero, one = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    for key, value in zero["state"].items():
+        assert torch.equal(one["state"][key], value), key
+    assert torch.equal(zero["scores"], one["scores"])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdisc.checks import check_batch, describe
-from memdisc.runtime.distributed import LOCAL, Comm
+from memdisc.runtime.distributed import Comm, process_comm
 from memdisc.training.victim import trainable_parameters
 
 PGD_ITERS = 10
@@ -91,13 +91,13 @@ class Defense:
         memory format); ``correct`` does it lazily otherwise."""
 
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   step: int, comm: Comm = LOCAL) -> tuple[torch.Tensor, BatchReport]:
+                   step: int, comm: Comm | None = None) -> tuple[torch.Tensor, BatchReport]:
         """Correct the batch, then one SGD step on it (:meth:`train_on` with the report).  Returns (loss, report)."""
         x_train, report = self.correct(model, x, y, step)
         return self.train_on(model, optimizer, x_train, y, report, comm=comm), report
 
     def train_on(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_train: torch.Tensor,
-                 y: torch.Tensor, report: BatchReport | None = None, comm: Comm = LOCAL) -> torch.Tensor:
+                 y: torch.Tensor, report: BatchReport | None = None, comm: Comm | None = None) -> torch.Tensor:
         """One SGD step on ``x_train`` ([B, ...], the batch ``correct`` returned; y [B]), model in train
         mode, gradients through :meth:`clip_gradients`.  Returns the detached loss.
 
@@ -112,11 +112,13 @@ class Defense:
         model, its mode, the gradients and the optimizer's state stay as they are, and the returned
         loss is NaN (an empty weighted mean).
 
-        Over several processes (``comm``; each holds its shard of the global batch) the sums run over
-        every rank's rows: this rank's loss is its share (its own sums over the global denominator),
-        the gradients are summed over ranks (:meth:`~memdisc.runtime.distributed.Comm.sync_gradients`)
-        before clipping, rank 0's buffers are kept, and the step is skipped on every rank when the global
-        denominator is 0.  The returned loss is then this rank's share."""
+        Over several processes (``comm``, default: this process's group; each holds its shard of the
+        global batch) the sums run over every rank's rows: this rank's loss is its share (its own sums
+        over the global denominator), the gradients are summed over ranks
+        (:meth:`~memdisc.runtime.distributed.Comm.sync_gradients`) before clipping, rank 0's buffers and
+        random state are copied to every rank after the step, and the step is skipped on every rank when
+        the global denominator is 0.  The returned loss is then this rank's share."""
+        comm = process_comm() if comm is None else comm
         keep = None if report is None else report.keep
         weights = None if report is None else report.weights
         if keep is None and weights is None:
@@ -134,7 +136,7 @@ class Defense:
             loss = None
             if bool(total > 0):
                 losses = F.cross_entropy(model(x_train[rows]), y[rows], reduction="none")
-                loss = (w.to(losses.dtype) * losses).sum() / total.to(losses.dtype) * (total / denominator)
+                loss = (w.to(losses.dtype) * losses).sum() / denominator.to(losses.dtype)
         optimizer.zero_grad(set_to_none=True)
         if loss is not None:
             loss.backward()
@@ -142,6 +144,7 @@ class Defense:
         self.clip_gradients(model)
         optimizer.step()
         comm.sync_buffers(model)
+        comm.sync_random_state(y.device)
         return loss.detach() if loss is not None else torch.zeros((), device=y.device)
 
     def state_dict(self) -> dict:

@@ -108,7 +108,7 @@ class DetectorDefense(Defense):
             report.weights = torch.where(flagged, self.flagged_weight, 1.0).to(x.dtype)
         return x, report
 
-    def train_on(self, model, optimizer, x_train, y, report=None, comm=LOCAL):
+    def train_on(self, model, optimizer, x_train, y, report=None, comm=None):
         if report is None:
             raise ValueError(f"report: {self.name} trains on the rows its report keeps or weights; pass the "
                              f"BatchReport correct() returned")

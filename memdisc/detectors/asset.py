@@ -54,7 +54,8 @@ Under torchrun (``memdisc.runtime.distributed.process_comm``) the offset model's
 data-parallel: every rank draws the same batches, outliers and Vnets (the same seed; the Vnet is small),
 forwards its contiguous part of the rows of ``Q`` and of the pushed rows, with its loss scaled by its share
 of them, and the gradients are summed over ranks before each Adam step (DDP's average, through
-``Comm.sync_gradients``: a rank's part of the pushed rows may be empty); rank 0's buffers are kept.
+``Comm.sync_gradients``: a rank's part of the pushed rows may be empty); after each step rank 0's buffers
+and random state go to every rank, so the next draws agree.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def fit_vnet(vnet: nn.Module, suspect: torch.Tensor, base: torch.Tensor, steps: 
 def _step(module: nn.Module, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, rows: torch.Tensor,
           mean_loss, comm: Comm) -> None:
     """One ``optimizer`` step on ``mean_loss(rows)`` (a mean over the given rows of the global batch ``rows``):
-    each rank's share ``mean_loss(its rows) * n_r / n``, gradients summed over ranks, rank 0's buffers kept."""
+    each rank's share ``mean_loss(its rows) * n_r / n``, gradients summed over ranks, then rank 0's buffers
+    and random state (a dropout forward on a shard draws per row) copied to every rank."""
     mine = comm.shard(rows)
     optimizer.zero_grad()
     if mine.numel():
@@ -119,6 +121,7 @@ def _step(module: nn.Module, parameters: list[nn.Parameter], optimizer: torch.op
     comm.sync_gradients(parameters)
     optimizer.step()
     comm.sync_buffers(module)
+    comm.sync_random_state(rows.device)
 
 
 def offset_model(model: nn.Module, seed: int) -> nn.Module:

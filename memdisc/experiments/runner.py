@@ -17,7 +17,10 @@ result file (``grid.result_path(cell)``) does not exist yet, seed by seed in the
   it is read back).  Then it becomes a :class:`~memdisc.experiments.results.CellFailure` with its
   id, printed on stderr at once (with ``progress`` off too), kept in the results file, and raised
   at the end in a :class:`GridError` (a damaged result file is such a failure too, naming the
-  file, and is not retried); an interrupt (KeyboardInterrupt) stops the grid at once;
+  file, and is not retried); an interrupt (KeyboardInterrupt) stops the grid at once.  Under
+  torchrun (the processes of one run, ``memdisc.runtime.distributed``) a failed cell stops the job
+  instead: one rank's failure would leave the others in collectives it no longer joins; the same
+  command resumes it;
 * progress: one line per cell run, ``[cell i/n] ID``, and ``finished earlier, read back`` for a
   finished one;
 * every result, in cell order, goes to ``root / grid.results_file`` (unless that is None) and is returned.
@@ -40,6 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 from memdisc.artifacts import write_json
 from memdisc.experiments.grid import Cell, Grid
 from memdisc.experiments.results import CellFailure, CellResult, GridResults, read_payload
+from memdisc.runtime.distributed import process_comm
 
 Outcome = CellResult | CellFailure
 
@@ -86,6 +90,8 @@ class CellTask:
             if not path.exists():
                 write_json(path, payload.to_json())
         except Exception as exc:  # the cell's failure, reported with its id; the grid goes on
+            if process_comm().world_size > 1:  # under torchrun: the ranks could part ways; the job stops
+                raise
             return CellFailure.of(cell, exc)
         return CellResult(self.grid.name, cell, payload)
 

@@ -9,7 +9,9 @@ global goes through one small object:
 * training: the gradients of a step (``DistributedDataParallel`` in the burn-in and
   ``memdisc.training.fit``; :meth:`Comm.sync_gradients` in the online defences' step, whose kept rows
   may leave a rank's shard empty), with each rank's loss scaled so that the sum over ranks is the
-  global batch's loss; BatchNorm normalises each rank's shard, and rank 0's buffers are kept;
+  global batch's loss (:func:`share_loss`); BatchNorm normalises each rank's shard, and rank 0's
+  buffers are copied to every rank after each epoch or step (:meth:`Comm.sync_buffers`), so the
+  ranks' models stay equal; so is rank 0's random state where a shard's dropout drew from it;
 * DSC's calibrated quantile (``ThresholdSchedule.update``): the held-out MD of every rank
   (``all_gather``);
 * the per-batch rule's batch-mean MD (``DSC._loop``): sums and counts over ranks (``row_mean``);
@@ -19,7 +21,8 @@ global goes through one small object:
 
 Files: every file memdisc writes goes through ``memdisc.artifacts.atomic_write_bytes``; under
 torch.distributed every rank calls it at the same point of the program, rank 0 writes and the others
-wait for it (:func:`process_comm`), so a file one rank reads after that point exists for all.
+wait for it (:func:`process_comm`), so a file one rank reads after that point exists for all; when
+rank 0 cannot write it, every rank raises.
 
 :data:`LOCAL` is one process: every collective is the identity, so a single-process run computes
 exactly what it computed before the seam.  :class:`TorchDistributedComm` is the same contract over an
@@ -33,6 +36,7 @@ import datetime
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: The environment variable of the collectives' timeout, in seconds.
@@ -80,6 +84,15 @@ class Comm:
 
     def sync_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) copied to every rank, as DDP does."""
+
+    def sync_random_state(self, device: torch.device) -> None:
+        """Rank 0's global random state (CPU, and ``device``'s when CUDA) copied to every rank: a forward
+        on this rank's shard (dropout) draws as many numbers as the shard has rows, and later draws that
+        must agree (batches, initialisations) would otherwise differ between ranks."""
+
+    def agree(self, failed: bool) -> bool:
+        """Whether any rank passed ``failed`` True (every rank gets the same answer)."""
+        return failed
 
 
 LOCAL = Comm()
@@ -139,15 +152,32 @@ class TorchDistributedComm(Comm):
         for buffer in module.buffers():
             self.broadcast_(buffer)
 
+    def sync_random_state(self, device: torch.device) -> None:
+        torch.set_rng_state(self.broadcast_(torch.get_rng_state()))
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(self.broadcast_(torch.cuda.get_rng_state(device)), device)
 
-def check_shards(n: int, batch_size: int, world_size: int, name: str = "batch_size") -> None:
-    """Refuse minibatches of ``batch_size`` over ``n`` rows that would leave one of ``world_size`` ranks
-    without a row (ValueError naming the option ``name``)."""
-    last = n % batch_size
-    if world_size > 1 and (batch_size < world_size or 0 < last < world_size):
-        raise ValueError(f"{name}: {batch_size} over {n} training rows gives a minibatch of "
-                         f"{min(batch_size, last or batch_size)} rows, fewer than the {world_size} processes; "
-                         f"choose a batch size (and a last minibatch) of at least {world_size} rows")
+    def agree(self, failed: bool) -> bool:
+        return bool(self.all_reduce_sum(torch.tensor([int(failed)])).item() > 0)
+
+
+def share_loss(logits: torch.Tensor, y: torch.Tensor, rows: int, comm: Comm) -> torch.Tensor:
+    """This rank's share of the mean cross-entropy over a global minibatch of ``rows`` rows, of which it
+    holds ``logits [n_r, C]`` and ``y [n_r]``: ``CE_mean * W n_r / rows``, so that DDP's average over the
+    W ranks' gradients is the global batch's mean-loss gradient (times exactly 1.0 on one process).  A
+    rank without a row (a short last minibatch) contributes 0, through ``logits`` so that every parameter
+    still takes part in DDP's reduction."""
+    if y.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, y) * (comm.world_size * y.numel() / rows)
+
+
+def check_processes(path, written_by: int, comm: Comm) -> None:
+    """Refuse to resume the state file ``path`` written by a run on ``written_by`` processes on another
+    number (ValueError naming the file and what to do)."""
+    if written_by != comm.world_size:
+        raise ValueError(f"{path}: written by a run on {written_by} process(es), resumed on {comm.world_size}; "
+                         "resume with the same number (torchrun --nproc-per-node), or use a different --out")
 
 
 def launched_by_torchrun() -> bool:
@@ -163,7 +193,7 @@ def timeout() -> datetime.timedelta:
         seconds = float(raw)
     except ValueError:
         seconds = float("nan")
-    if not seconds > 0:
+    if not 0 < seconds < 1e9:
         raise ValueError(f"{TIMEOUT_VARIABLE}: expected a number of seconds > 0, got {raw!r}")
     return datetime.timedelta(seconds=seconds)
 
@@ -182,6 +212,9 @@ def init_distributed(device: torch.device) -> tuple[Comm, torch.device]:
     if not launched_by_torchrun():
         return LOCAL, device
     if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"device: under torchrun each process takes the GPU of its LOCAL_RANK; expected cuda, "
+                             f"got {device}")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout())

@@ -18,6 +18,7 @@ import torch
 from memdisc.artifacts import atomic_torch_save, load_torch_file
 from memdisc.config import comparable, to_dict
 from memdisc.eval.recorder import RunRecord
+from memdisc.runtime.distributed import LOCAL, Comm, check_processes
 
 #: The stateful components, in the order they are saved and restored.
 COMPONENTS = ("model", "optimizer", "defense", "snapshots", "attack")
@@ -34,23 +35,22 @@ def save_state(path: Path, cfg: Any, components: dict[str, Any], record: RunReco
 
 
 def load_state(path: Path, cfg: Any, components: dict[str, Any], device: torch.device,
-               processes: int = 1) -> RunRecord | None:
+               comm: Comm = LOCAL) -> RunRecord | None:
     """Restore the components from ``path`` and return its record; None when ``path`` does not exist.
     ValueError naming the file for a file memdisc did not write, one of another configuration or one
-    written by a run on another number of processes than ``processes``."""
+    written by a run on another number of processes than ``comm``'s."""
     if not path.exists():
         return None
     remedy = "delete it to restart this online run from step 0"
     state = load_torch_file(path, remedy, device)
     if not isinstance(state, dict) or not STATE_KEYS - {"processes"} <= set(state) <= STATE_KEYS:
         raise ValueError(f"{path}: not the online state memdisc writes; {remedy}")
-    if state.get("processes", 1) != processes:
-        raise ValueError(f"{path}: written by a run on {state.get('processes', 1)} process(es), resumed on "
-                         f"{processes}; resume with the same number (torchrun --nproc-per-node) or {remedy}")
+    check_processes(path, state.get("processes", 1), comm)
     if comparable(type(cfg), state["config"]) != comparable(type(cfg), to_dict(cfg)):
         raise ValueError(f"{path}: a run with another configuration; use another --out")
     for name in COMPONENTS:
         if components[name] is not None:
             components[name].load_state_dict(state[name])
-    print(f"resuming {cfg.out} at step {state['progress']['step']}")
+    if comm.is_writer:
+        print(f"resuming {cfg.out} at step {state['progress']['step']}")
     return RunRecord(**state["progress"])

@@ -21,7 +21,8 @@ same steps without early stopping: every epoch runs and the model ends as the la
 Under torchrun (``comm``, default: this process's group, ``memdisc.runtime.distributed.process_comm``)
 the trainable module trains as ``DistributedDataParallel``: every rank draws the same order and takes its
 contiguous part of each minibatch, its loss scaled by ``W n_r / B`` so that DDP's gradient average is the
-minibatch's mean-loss gradient; ``L_val``, the validation error and the training loss are sums over the
+minibatch's mean-loss gradient (a rank may get no row of a short last minibatch); rank 0's buffers go to
+every rank after each epoch; ``L_val``, the validation error and the training loss are sums over the
 ranks' parts, so every rank takes the same early-stopping decisions and ends with the same weights.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from memdisc.checks import check_batch, describe
 from memdisc.config import check_int, check_number, check_seed, field
 from memdisc.eval.classification import eval_mode
 from memdisc.models import classifier_head
-from memdisc.runtime.distributed import Comm, check_shards, data_parallel, process_comm
+from memdisc.runtime.distributed import Comm, data_parallel, process_comm, share_loss
 from memdisc.training.victim import TransferVictim, trainable_parameters
 
 __all__ = ["FitConfig", "TrainingLog", "EpochHook", "train_end_to_end", "train_transfer", "train_streaming"]
@@ -143,7 +144,6 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
     """The loop of the module docstring: ``net``'s trainable parameters learn ``x -> y``; without
     ``early_stopping`` every epoch runs and ``net`` ends with the last epoch's weights."""
     comm = process_comm() if comm is None else comm
-    check_shards(x.shape[0], cfg.batch_size, comm.world_size)
     params = trainable_parameters(net)
     device = params[0].device
     trainer = data_parallel(net, comm)
@@ -163,11 +163,12 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, 
                 index = order[start:start + cfg.batch_size]
                 rows = comm.shard(index)
                 yb = y[rows].to(device, non_blocking=True)
-                loss = F.cross_entropy(trainer(x[rows].to(device, non_blocking=True)), yb)
+                loss = share_loss(trainer(x[rows].to(device, non_blocking=True)), yb, index.numel(), comm)
                 opt.zero_grad(set_to_none=True)
-                (loss * (comm.world_size * rows.numel() / index.numel())).backward()
+                loss.backward()
                 opt.step()
-                total += loss.detach() * yb.shape[0]
+                total += loss.detach() * (index.numel() / comm.world_size)
+            comm.sync_buffers(net)
             val_loss, val_error = _validate(net, x_val, y_val, cfg.batch_size, device, comm)
             for key, value in zip(log, (comm.all_reduce_sum(total).item() / x.shape[0], val_loss, val_error)):
                 log[key].append(value)

@@ -57,7 +57,7 @@ from memdisc.eval.result import RunResult
 from memdisc.pictures import PICTURE_NAME, write_batch_picture_safely
 from memdisc.runtime import Precision
 from memdisc.runtime.device import resolve_device
-from memdisc.runtime.distributed import LOCAL, Comm, process_comm
+from memdisc.runtime.distributed import Comm, process_comm
 from memdisc.snapshots import SnapshotSet
 from memdisc.training.checkpoint import load_state, save_state
 from memdisc.training.supervised import snapshot_path
@@ -154,7 +154,8 @@ def precision_of(cfg: OnlineConfig) -> Precision:
 class OnlineRun:
     """Everything one online run needs, set up from a config (see module docstring)."""
 
-    def __init__(self, cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL):
+    def __init__(self, cfg: OnlineConfig, device: torch.device, comm: Comm | None = None):
+        comm = process_comm() if comm is None else comm
         if cfg.cuda_graph and comm.world_size > 1:
             raise OptionError("cuda_graph", f"a CUDA graph cannot hold the collectives of a run on {comm.world_size} "
                                             "processes; run without it under torchrun")
@@ -302,12 +303,13 @@ def run_online(cfg: OnlineConfig, progress: bool = True, device: torch.device | 
     return result
 
 
-def start_online(cfg: OnlineConfig, device: torch.device, comm: Comm = LOCAL) -> tuple[OnlineRun, RunRecord]:
+def start_online(cfg: OnlineConfig, device: torch.device,
+                 comm: Comm | None = None) -> tuple[OnlineRun, RunRecord]:
     """The set-up: every component built (:class:`OnlineRun`), restored from OUT/state.pt when it
     exists (``memdisc.training.checkpoint``), and OUT/config.json written."""
     out = Path(cfg.out)
     run = OnlineRun(cfg, device, comm)
-    rec = load_state(out / "state.pt", cfg, run.components(), device, comm.world_size)
+    rec = load_state(out / "state.pt", cfg, run.components(), device, run.comm)
     if rec is None:
         if run.attack is not None:
             run.attack.prepare(run.model)

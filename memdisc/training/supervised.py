@@ -14,9 +14,10 @@ epoch e depends only on (seed, e)).
 
 Under torchrun (``memdisc.runtime.distributed``) the model trains as ``DistributedDataParallel``: every
 rank draws the same global minibatches and takes its contiguous part of each, with its loss scaled by
-``W n_r / B`` (W ranks, n_r of the batch's B rows here) so that DDP's gradient average is the global
-batch's mean-loss gradient; the test error is summed over the ranks' parts of the test set.  Rank 0
-writes the files; a checkpoint resumes only on the number of processes that wrote it.
+``W n_r / B`` (W ranks, n_r of the batch's B rows here; ``share_loss``) so that DDP's gradient average
+is the global batch's mean-loss gradient; rank 0's buffers go to every rank after each epoch; the test
+error is summed over the ranks' parts of the test set.  Rank 0 writes the files; an unfinished
+checkpoint resumes only on the number of processes that wrote it.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from memdisc.data import DATASETS, iterate_minibatches, load_dataset, mirror_ok
 from memdisc.eval.classification import error_rate
 from memdisc.models import MODELS, ZOO, build_model, check_zoo_options, load_weights
 from memdisc.runtime.device import resolve_device
-from memdisc.runtime.distributed import Comm, check_shards, data_parallel, process_comm
+from memdisc.runtime.distributed import Comm, check_processes, data_parallel, process_comm, share_loss
 
 
 @dataclasses.dataclass
@@ -132,7 +133,6 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         train = train.subset(torch.arange(min(cfg.train_subset, len(train))))
     if cfg.test_subset:
         test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
-    check_shards(len(train), cfg.batch_size, comm.world_size)
     x_test, y_test = (comm.shard(t).to(device) for t in test.tensors())
 
     spec = {"name": cfg.model, "in_channels": train.shape[0], "num_classes": train.num_classes,
@@ -159,11 +159,8 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"], ckpt["extra"]["history"]
-        written_by = ckpt["extra"].get("processes", 1)
-        if written_by != comm.world_size:
-            raise ValueError(f"{ckpt_path}: written by a run on {written_by} process(es), resumed on "
-                             f"{comm.world_size}; resume with the same number (torchrun --nproc-per-node), or "
-                             "use a different --out")
+        if start_epoch < cfg.epochs:  # a finished burn-in is read back on any number of processes
+            check_processes(ckpt_path, ckpt["extra"].get("processes", 1), comm)
         if start_epoch > cfg.epochs:
             raise ValueError(f"epochs: the run directory {out} already holds {start_epoch} epochs, more than the "
                              f"{cfg.epochs} asked for; use a different --out or --epochs >= {start_epoch}")
@@ -184,11 +181,12 @@ def run_burnin(cfg: BurninConfig, progress: bool = True, device: torch.device | 
         for x, y in bar:
             rows = y.shape[0]
             x, y = (comm.shard(t).to(device, non_blocking=True) for t in (x, y))
-            loss = F.cross_entropy(trainer(x), y)
+            loss = share_loss(trainer(x), y, rows, comm)
             opt.zero_grad(set_to_none=True)
-            (loss * (comm.world_size * y.shape[0] / rows)).backward()
+            loss.backward()
             opt.step()
-            total += loss.detach() * y.shape[0]
+            total += loss.detach() * (rows / comm.world_size)
+        comm.sync_buffers(model)
         err = error_rate(model, x_test, y_test, comm=comm)
         record = {"epoch": epoch, "test_error": err, "train_loss": comm.all_reduce_sum(total).item() / len(train),
                   "seconds": time.perf_counter() - t0}
