@@ -94,6 +94,7 @@ def test_a_burn_in_on_two_processes_equals_one(burnins):
     assert not list(burnins[2].rglob(".*.tmp"))  # no temporary file left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defense, extra", [
     ("DSC-sample", []),
     ("DSC-batch", []),
@@ -130,6 +131,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_process_fails_the_job_which_then_resumes(tiny_fashion_mnist, tmp_path):
     out = tmp_path / "run"
     args = [*BURNIN[:3], "--epochs", "40", "--batch-size", "16", "--data-dir", str(tiny_fashion_mnist),
