@@ -2,7 +2,7 @@
 processes --workers 1`` against ``--workers 2``, beside the local executor and Ray (2 CPUs, one a cell).
 
     python bench/grid_workers.py [--out bench/results/epyc-avx2] [--work runs/bench-grid-workers]
-                                 [--repeats 3] [--executors processes-1,processes-2,ray[,local]]
+                                 [--repeats 3] [--executors processes-1,processes-1-t1,processes-2,ray[,local]]
 
 Each run is the command a user types, in a fresh process and a fresh run directory (so worker start,
 Ray's start and every per-seed cache, the clean backbone and the poisons, are in the time): ``python -m
@@ -15,11 +15,14 @@ the shared machine does not fall on one executor):
 * ``local``: the cells one after the other in the command's process, at torch's default thread count;
 * ``processes-1`` / ``processes-2``: ``--executor processes --workers 1`` / ``2``; the cells run with
   ``max(1, cores // workers)`` torch threads (2 and 1 on 2 cores);
+* ``processes-1-t1``: ``--workers 1`` under ``OMP_NUM_THREADS=1``: one cell at a time at one thread, so
+  that its ratio to ``processes-2`` is the gain of running two cells at once alone, and its ratio to
+  ``processes-1`` that of a second thread;
 * ``ray``: ``--executor ray`` (a Ray instance started for the run on this machine, its CPUs all the
   cores), ``--cell-cpus 1``: two cells at a time, one thread each.
 
 OMP_NUM_THREADS is removed from the children's environment (it would fix every executor's thread
-count).  Each row: the executor, the repeat, the cells' thread count, the wall seconds of the command,
+count), but for ``processes-1-t1``.  Each row: the executor, the repeat, the cells' thread count, the wall seconds of the command,
 the sum of the cells' own training and crafting seconds (from their results), whether every number of
 every cell equals the first run's at the same thread count (timings and provenance aside; across
 thread counts CPU results differ in the last bits), and provenance with the 1-minute load average
@@ -48,8 +51,12 @@ STUDY = ["--dataset", "fashion-mnist", "--device", "cpu", "--model", "cnn", "--a
 """The grid: 9 cells of ``memdisc study`` (module docstring)."""
 
 EXECUTORS = {"local": [], "processes-1": ["--executor", "processes", "--workers", "1"],
+             "processes-1-t1": ["--executor", "processes", "--workers", "1"],
              "processes-2": ["--executor", "processes", "--workers", "2"],
              "ray": ["--executor", "ray", "--cell-cpus", "1"]}
+
+ENVIRONMENT = {"processes-1-t1": {"OMP_NUM_THREADS": "1"}}
+"""What an executor's command runs with besides this environment (less OMP_NUM_THREADS)."""
 
 def _numbers(obj):
     """A cell's result without timings and provenance."""
@@ -63,7 +70,7 @@ def run_once(name: str, work: Path, log: Path) -> tuple[float, dict, int]:
     (as the study recorded it in its config.json)."""
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, **ENVIRONMENT.get(name, {})}
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     start = time.perf_counter()
     with open(log, "w") as stream:
@@ -81,8 +88,8 @@ def main() -> None:
     parser.add_argument("--out", type=out_dir_arg, default=os.path.join(REPO, "bench", "results", "epyc-avx2"))
     parser.add_argument("--work", type=Path, default=Path(REPO) / "runs" / "bench-grid-workers")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--executors", default="processes-1,processes-2,ray",
-                        help=f"comma list of {', '.join(EXECUTORS)} (default: processes-1,processes-2,ray)")
+    parser.add_argument("--executors", default="processes-1,processes-1-t1,processes-2,ray",
+                        help=f"comma list of {', '.join(EXECUTORS)} (default: all but local)")
     args = parser.parse_args()
     names = [n.strip() for n in args.executors.split(",") if n.strip()]
     if not names or any(n not in EXECUTORS for n in names):
@@ -114,11 +121,11 @@ def main() -> None:
     for name in names:
         ratio = f"{median['processes-1'] / median[name]:.2f}x" if "processes-1" in median else "n/a"
         print(f"  {name:12s} {median[name]:7.1f} s   {ratio} as fast")
-    if "processes-1" in names and "processes-2" in names:
-        per_round = [[r["wall_s"] for r in rows if r["repeat"] == k and r["executor"] == n]
-                     for k in range(args.repeats) for n in ("processes-1", "processes-2")]
-        ratios = [a[0] / b[0] for a, b in zip(per_round[::2], per_round[1::2])]
-        print("  processes-1 / processes-2 per round:", ", ".join(f"{r:.2f}" for r in ratios))
+    for one in ("processes-1", "processes-1-t1"):
+        if one in names and "processes-2" in names:
+            wall = {(r["repeat"], r["executor"]): r["wall_s"] for r in rows}
+            ratios = [wall[k, one] / wall[k, "processes-2"] for k in range(args.repeats)]
+            print(f"  {one} / processes-2 per round:", ", ".join(f"{r:.2f}" for r in ratios))
 
 
 if __name__ == "__main__":
