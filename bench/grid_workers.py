@@ -2,7 +2,8 @@
 processes --workers 1`` against ``--workers 2``, beside the local executor and Ray (2 CPUs, one a cell).
 
     python bench/grid_workers.py [--out bench/results/epyc-avx2] [--work runs/bench-grid-workers]
-                                 [--repeats 3] [--executors processes-1,processes-1-t1,processes-2,ray[,local]]
+                                 [--repeats 3] [--executors NAME,...]   (of processes-1,
+                                 processes-1-t1, processes-2, ray, local; default all but local)
 
 Each run is the command a user types, in a fresh process and a fresh run directory (so worker start,
 Ray's start and every per-seed cache, the clean backbone and the poisons, are in the time): ``python -m
