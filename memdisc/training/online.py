@@ -233,8 +233,7 @@ def _online_step(run: OnlineRun, progress: RunRecord) -> float:
         received = attack.poison(model, x, y, progress.step)
     else:
         received = PoisonedBatch(x, y, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
-    x, x_in, y_in, poisoned = (run.comm.shard(t) for t in (x, received.x, received.y, received.poisoned))
-    y = run.comm.shard(y)
+    x, y, x_in, y_in, poisoned = (run.comm.shard(t) for t in (x, y, received.x, received.y, received.poisoned))
     t1 = _clock(run.device)
     run.snapshots.observe(model)
     md_in, md_clean = run.detector.score(model, x_in, y_in), run.detector.score(model, x, y)
